@@ -1,0 +1,1 @@
+"""memgpt: memory-augmented transformer layers for PyTorch."""

@@ -1,0 +1,8 @@
+"""The key-value memory store and its batched ops (fast path; plain twins in ``reference``)."""
+
+from .checks import EVICTION_POLICIES
+from .read import TOP_K_CHUNK, read, read_usage
+from .state import MemoryState
+from .write import USAGE_DECAY, write
+
+__all__ = ["MemoryState", "read", "read_usage", "write", "EVICTION_POLICIES", "USAGE_DECAY", "TOP_K_CHUNK"]

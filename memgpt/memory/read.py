@@ -1,0 +1,155 @@
+"""Fast memory reads: full softmax (SDPA) and chunked top-k, plus the read-weight sums for usage.
+
+Score of query ``q`` on slot ``i``:  ``scale * q·k_i (+ log g_i if gated_scores)``, over valid slots.
+The softmax is always taken in float32 or wider (float64 stays float64): on CPU low-precision
+inputs are upcast (bf16 matmuls are 18-100x slower than fp32 there), on CUDA the SDPA kernels
+accumulate the softmax in float32 themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checks import check_read_args, resolve_scale
+from .state import MemoryState
+
+__all__ = ["read", "read_usage", "slot_bias", "TOP_K_CHUNK"]
+
+# Slots scored per step of the running top-k: peak extra memory is O(n * (k + TOP_K_CHUNK)).
+TOP_K_CHUNK = 4096
+
+
+def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype == torch.float64:
+        return torch.float64
+    if device.type == "cuda":
+        return dtype
+    return torch.float32
+
+
+def _masked_value(dtype: torch.dtype) -> float:
+    # Finite, so that an all-masked row gives a uniform (finite) softmax instead of NaN, and
+    # far enough below any real score that a valid slot always takes all the weight.
+    return torch.finfo(dtype).min / 4
+
+
+def slot_bias(state: MemoryState, gated_scores: bool, dtype: torch.dtype) -> Tensor:
+    """Additive score bias per slot, (b h m): ``log g`` (or 0) for valid slots, a huge negative else.
+
+    ``g`` is clamped at float32's smallest normal so that ``g = 0`` gives a finite ``log`` (about
+    -87): such a slot keeps a weight below 1e-37 of any normally written slot.
+    """
+    if gated_scores:
+        tiny = torch.finfo(torch.float32).tiny
+        bias = torch.log(state.strength.to(dtype).clamp_min(tiny))
+    else:
+        bias = torch.zeros_like(state.strength, dtype=dtype)
+    return torch.where(state.valid, bias, torch.full_like(bias, _masked_value(dtype)))
+
+
+def _has_valid(state: MemoryState) -> Tensor:
+    return state.valid.any(dim=-1)[..., None, None]  # (b h 1 1)
+
+
+def read(
+    q: Tensor,
+    state: MemoryState,
+    *,
+    scale: float | None = None,
+    top_k: int | None = None,
+    gated_scores: bool = True,
+) -> Tensor:
+    """Read the memory: ``sum_i softmax_i(score) v_i``.
+
+    q: (b h n dk) in the state's dtype; returns (b h n dv) in that dtype.
+    An empty store (no valid slot in a row) reads zeros.
+    """
+    check_read_args(q, state, top_k)
+    s = resolve_scale(scale, state.key_dim)
+    if top_k is not None:
+        return _read_top_k(q, state, s, top_k, gated_scores)
+    ct = _compute_dtype(q.dtype, q.device)
+    bias = slot_bias(state, gated_scores, ct)[:, :, None, :]  # (b h 1 m)
+    n = q.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.to(ct),
+        state.keys.to(ct),
+        state.values.to(ct),
+        attn_mask=bias.expand(-1, -1, n, -1),
+        scale=s,
+    )
+    return (out * _has_valid(state)).to(q.dtype)
+
+
+@torch.no_grad()
+def _select_top_k(q: Tensor, keys: Tensor, bias: Tensor, scale: float, k: int) -> Tensor:
+    """Indices (b h n k) of the k best slots, scoring TOP_K_CHUNK slots at a time."""
+    b, h, n, _ = q.shape
+    m = keys.shape[2]
+    best = torch.full((b, h, n, 0), float("-inf"), dtype=q.dtype, device=q.device)
+    best_idx = torch.zeros((b, h, n, 0), dtype=torch.long, device=q.device)
+    for start in range(0, m, TOP_K_CHUNK):
+        stop = min(start + TOP_K_CHUNK, m)
+        scores = torch.matmul(q, keys[:, :, start:stop].transpose(-1, -2)) * scale
+        scores = scores + bias[:, :, None, start:stop]  # (b h n c)
+        idx = torch.arange(start, stop, device=q.device).expand(b, h, n, stop - start)
+        cand, cand_idx = torch.cat([best, scores], dim=-1), torch.cat([best_idx, idx], dim=-1)
+        best, pos = cand.topk(min(k, cand.shape[-1]), dim=-1)
+        best_idx = cand_idx.gather(-1, pos)
+    return best_idx
+
+
+def _gather_slots(x: Tensor, idx: Tensor) -> Tensor:
+    """x: (b h m d), idx: (b h n k) -> (b h n k d) without materialising (b h n m d)."""
+    b, h, m, d = x.shape
+    n, k = idx.shape[2], idx.shape[3]
+    flat = idx.reshape(b, h, n * k, 1).expand(b, h, n * k, d)
+    return x.gather(2, flat).reshape(b, h, n, k, d)
+
+
+def _read_top_k(q: Tensor, state: MemoryState, scale: float, top_k: int, gated_scores: bool) -> Tensor:
+    ct = q.dtype if q.dtype == torch.float64 else torch.float32
+    k = min(top_k, state.capacity)
+    bias = slot_bias(state, gated_scores, ct)  # (b h m)
+    qc, keys = q.to(ct), state.keys.to(ct)
+    idx = _select_top_k(qc.detach(), keys.detach(), bias.detach(), scale, k)  # (b h n k)
+    # Recompute the selected scores with autograd: gradients reach q, the chosen keys and g.
+    k_sel = _gather_slots(keys, idx)  # (b h n k dk)
+    v_sel = _gather_slots(state.values.to(ct), idx)  # (b h n k dv)
+    b_sel = bias.gather(2, idx.flatten(2)).view_as(idx)  # (b h n k)
+    scores = torch.einsum("bhnd,bhnkd->bhnk", qc, k_sel) * scale + b_sel
+    weights = scores.softmax(dim=-1)
+    out = torch.einsum("bhnk,bhnkd->bhnd", weights, v_sel)
+    return (out * _has_valid(state)).to(q.dtype)
+
+
+def read_usage(
+    q: Tensor,
+    state: MemoryState,
+    *,
+    scale: float | None = None,
+    top_k: int | None = None,
+    gated_scores: bool = True,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Sum over queries of the read weights each slot receives, (b h m) float32, no gradient.
+
+    q: (b h n dk); mask: (b n) bool, queries to count (default all). Rows with no valid slot get
+    zeros. Summing (not averaging) keeps usage additive, so reading a segment in one call or
+    token by token accumulates the same usage.
+    """
+    check_read_args(q, state, top_k)
+    s = resolve_scale(scale, state.key_dim)
+    with torch.no_grad():
+        ct = q.dtype if q.dtype == torch.float64 else torch.float32
+        bias = slot_bias(state, gated_scores, ct)
+        scores = torch.matmul(q.to(ct), state.keys.to(ct).transpose(-1, -2)) * s + bias[:, :, None, :]
+        if top_k is not None and top_k < state.capacity:
+            kth = scores.topk(top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        weights = scores.softmax(dim=-1) * _has_valid(state)  # (b h n m)
+        if mask is not None:
+            weights = weights * mask[:, None, :, None].to(weights.dtype)
+        return weights.sum(dim=2).float()

@@ -1,0 +1,288 @@
+"""The key-value memory store of one memory layer: a plain, typed container of tensors.
+
+Shapes (einops notation, see README): ``b`` batch, ``h`` memory heads, ``m`` slots (capacity),
+``dk``/``dv`` key and value widths.
+
+The store is a *value*: every operation returns a new ``MemoryState`` and never mutates the one
+it was given, so autograd and callers that keep an old state see what they kept. It is never a
+module buffer (DDP would broadcast it from rank 0 and overwrite each rank's memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = ["MemoryState"]
+
+
+def _require(cond: bool, message: str, exc: type[Exception] = ValueError) -> None:
+    if not cond:
+        raise exc(message)
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryState:
+    """One layer's memory: ``capacity`` slots per sample and head, plus per-slot metadata.
+
+    Fields
+        keys:     (b h m dk)  stored keys ``g * k_new`` (the seed's write)
+        values:   (b h m dv)  stored values ``g * v_new``
+        valid:    (b h m)     bool, the slot holds a write
+        strength: (b h m)     the write gate ``g`` the slot was written with (float32)
+        step:     (b h m)     int64, the row's write counter when the slot was written (its age)
+        usage:    (b h m)     float32, decayed sum of the read weights the slot received
+        count:    (b,)        int64, tokens written so far per sample (the ring-buffer pointer)
+
+    Metadata are float32/int64 whatever the storage dtype of keys and values, so that
+    eviction decisions do not depend on bf16 rounding.
+    """
+
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    strength: Tensor
+    step: Tensor
+    usage: Tensor
+    count: Tensor
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(
+        cls,
+        batch_size: int,
+        heads: int,
+        capacity: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "MemoryState":
+        """An empty store: no valid slot, all counters at zero."""
+        for name, value in (
+            ("batch_size", batch_size),
+            ("heads", heads),
+            ("capacity", capacity),
+            ("key_dim", key_dim),
+            ("value_dim", value_dim),
+        ):
+            _require(
+                isinstance(value, int) and not isinstance(value, bool),
+                f"{name} must be an int, got {type(value).__name__}",
+                TypeError,
+            )
+            _require(value >= 1, f"{name} must be >= 1, got {value}")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        _require(
+            dtype.is_floating_point,
+            f"dtype must be a floating point dtype, got {dtype}",
+            TypeError,
+        )
+        b, h, m = batch_size, heads, capacity
+        return cls(
+            keys=torch.zeros(b, h, m, key_dim, device=device, dtype=dtype),
+            values=torch.zeros(b, h, m, value_dim, device=device, dtype=dtype),
+            valid=torch.zeros(b, h, m, device=device, dtype=torch.bool),
+            strength=torch.zeros(b, h, m, device=device, dtype=torch.float32),
+            step=torch.zeros(b, h, m, device=device, dtype=torch.long),
+            usage=torch.zeros(b, h, m, device=device, dtype=torch.float32),
+            count=torch.zeros(b, device=device, dtype=torch.long),
+        )
+
+    # ------------------------------------------------------------------ shape accessors
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def key_dim(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def value_dim(self) -> int:
+        return self.values.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check ranks, shapes, dtypes and devices of all fields; raise ValueError/TypeError."""
+        for f in fields(self):
+            _require(
+                isinstance(getattr(self, f.name), Tensor),
+                f"MemoryState.{f.name} must be a Tensor, got {type(getattr(self, f.name)).__name__}",
+                TypeError,
+            )
+        _require(self.keys.dim() == 4, f"keys must be (b h m dk), got shape {tuple(self.keys.shape)}")
+        b, h, m, _ = self.keys.shape
+        _require(m >= 1, f"capacity must be >= 1, got {m}")
+        _require(
+            self.values.dim() == 4 and tuple(self.values.shape[:3]) == (b, h, m),
+            f"values must be (b h m dv) = ({b}, {h}, {m}, dv), got shape {tuple(self.values.shape)}",
+        )
+        _require(
+            self.keys.dtype.is_floating_point and self.values.dtype == self.keys.dtype,
+            f"keys and values must share a floating dtype, got {self.keys.dtype} and {self.values.dtype}",
+            TypeError,
+        )
+        expected = {
+            "valid": torch.bool,
+            "strength": torch.float32,
+            "step": torch.long,
+            "usage": torch.float32,
+        }
+        for name, dt in expected.items():
+            t = getattr(self, name)
+            _require(
+                tuple(t.shape) == (b, h, m),
+                f"{name} must be (b h m) = ({b}, {h}, {m}), got shape {tuple(t.shape)}",
+            )
+            _require(t.dtype == dt, f"{name} must have dtype {dt}, got {t.dtype}", TypeError)
+        _require(
+            tuple(self.count.shape) == (b,),
+            f"count must be (b,) = ({b},), got shape {tuple(self.count.shape)}",
+        )
+        _require(self.count.dtype == torch.long, f"count must be int64, got {self.count.dtype}", TypeError)
+        for f in fields(self):
+            t = getattr(self, f.name)
+            _require(
+                t.device == self.keys.device,
+                f"all fields must be on one device: keys on {self.keys.device}, {f.name} on {t.device}",
+            )
+
+    def check_compatible(
+        self,
+        *,
+        batch_size: int,
+        heads: int,
+        key_dim: int,
+        value_dim: int,
+        capacity: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        what: str = "memory state",
+    ) -> None:
+        """Raise a clear error if this store was made for another layer or batch."""
+        checks = [
+            ("batch size", batch_size, self.batch_size),
+            ("heads", heads, self.heads),
+            ("key_dim", key_dim, self.key_dim),
+            ("value_dim", value_dim, self.value_dim),
+        ]
+        if capacity is not None:
+            checks.append(("capacity", capacity, self.capacity))
+        for name, expected, actual in checks:
+            _require(expected == actual, f"{what}: expected {name} {expected}, got {actual}")
+        if dtype is not None:
+            _require(dtype == self.dtype, f"{what}: expected dtype {dtype}, got {self.dtype}", TypeError)
+        if device is not None:
+            _require(
+                torch.device(device).type == self.device.type
+                and (torch.device(device).index in (None, self.device.index) or self.device.index is None),
+                f"{what}: expected device {device}, got {self.device}",
+            )
+
+    # ------------------------------------------------------------------ value operations
+    def replace(self, **changes: Tensor) -> "MemoryState":
+        """A new state with some fields replaced (validated)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(kwargs)
+        _require(not unknown, f"unknown MemoryState fields {sorted(unknown)}")
+        kwargs.update(changes)
+        return MemoryState(**kwargs)
+
+    def _map(self, fn) -> "MemoryState":
+        return MemoryState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def detach(self) -> "MemoryState":
+        """Cut the autograd graph here (truncated BPTT)."""
+        return self._map(Tensor.detach)
+
+    def clone(self) -> "MemoryState":
+        return self._map(Tensor.clone)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryState":
+        """Move to ``device``; ``dtype`` converts keys and values only (metadata keep theirs)."""
+        if dtype is not None:
+            _require(dtype.is_floating_point, f"dtype must be floating point, got {dtype}", TypeError)
+
+        def move(t: Tensor) -> Tensor:
+            if t.is_floating_point() and t is not self.strength and t is not self.usage:
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return MemoryState(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def reset_rows(self, mask: Tensor) -> "MemoryState":
+        """Empty the rows where ``mask`` (b,) is True (a document boundary); others untouched."""
+        _require(isinstance(mask, Tensor), f"mask must be a Tensor, got {type(mask).__name__}", TypeError)
+        _require(
+            tuple(mask.shape) == (self.batch_size,),
+            f"reset_rows mask must be (b,) = ({self.batch_size},), got shape {tuple(mask.shape)}",
+        )
+        _require(mask.dtype == torch.bool, f"reset_rows mask must be bool, got {mask.dtype}", TypeError)
+        keep = ~mask.to(self.device)
+
+        def reset(t: Tensor) -> Tensor:
+            k = keep.view(-1, *([1] * (t.dim() - 1)))
+            return torch.where(k, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+        return self._map(reset)
+
+    def index_select(self, index: Tensor) -> "MemoryState":
+        """Rows reordered/duplicated by ``index`` (b',) of int64 (beam search); b' may differ from b."""
+        _require(isinstance(index, Tensor), f"index must be a Tensor, got {type(index).__name__}", TypeError)
+        _require(index.dim() == 1, f"index must be 1-D (b',), got shape {tuple(index.shape)}")
+        _require(
+            index.dtype in (torch.long, torch.int32),
+            f"index must be int64 or int32, got {index.dtype}",
+            TypeError,
+        )
+        index = index.to(self.device)
+        if index.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(index.min()), int(index.max())
+            _require(
+                lo >= 0 and hi < self.batch_size,
+                f"index values must lie in [0, {self.batch_size}), got min {lo} max {hi}",
+            )
+        return self._map(lambda t: t.index_select(0, index))
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor]) -> "MemoryState":
+        """Rebuild from :meth:`to_dict`; missing or extra entries raise ValueError."""
+        names = {f.name for f in fields(cls)}
+        _require(isinstance(tensors, dict), f"expected a dict of tensors, got {type(tensors).__name__}", TypeError)
+        missing, extra = names - set(tensors), set(tensors) - names
+        _require(not missing and not extra, f"MemoryState fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        return cls(**tensors)
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryState(batch_size={self.batch_size}, heads={self.heads}, capacity={self.capacity}, "
+            f"key_dim={self.key_dim}, value_dim={self.value_dim}, dtype={self.dtype}, device={self.device}, "
+            f"requires_grad={self.keys.requires_grad or self.values.requires_grad})"
+        )

@@ -1,0 +1,133 @@
+"""Fast memory write: append ``(g*k, g*v)`` per token and head, evicting by policy when full.
+
+Semantics (the reference twin spells them out token by token): the written tokens of a row are
+stored in order; while the row has empty slots a token takes one, and once it is full each token
+overwrites the slot its eviction policy chooses:
+
+- ``fifo``:     the oldest write (a ring buffer: the token with write step ``s`` goes to slot
+                ``s % capacity``);
+- ``strength``: the slot with the smallest write gate ``g`` (ties: the oldest);
+- ``usage``:    the slot with the smallest usage (ties: the oldest). A row's usage decays by
+                ``usage_decay`` once per write that stores anything in it; a new slot starts
+                at usage 1.
+
+All policies are computed for the whole write at once, without loops over tokens or slots:
+when the row overflows, the survivors are the last written token plus the ``capacity - 1``
+best of everything else (old slots and earlier tokens of this write), which is exactly what
+evicting one minimum per token leaves behind. For ``strength``/``usage`` the surviving old
+slots stay in place and new tokens fill the freed slots in ascending order, so slot positions
+may differ from the token-by-token reference while the set of stored pairs is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import check_write_args
+from .state import MemoryState
+
+__all__ = ["write", "USAGE_DECAY"]
+
+USAGE_DECAY = 0.9
+
+
+def _fifo_destinations(step_new: Tensor, rank: Tensor, mask: Tensor, n_written: Tensor, m: int) -> Tensor:
+    """Slot per token (b n), or ``m`` (discard) for tokens masked out or overwritten in this write."""
+    keep = mask & (rank >= (n_written[:, None] - m))
+    return torch.where(keep, step_new % m, torch.full_like(step_new, m))
+
+
+def _priority_destinations(
+    state: MemoryState,
+    prio_old: Tensor,
+    prio_new: Tensor,
+    step_new: Tensor,
+    rank: Tensor,
+    mask: Tensor,
+    n_written: Tensor,
+) -> Tensor:
+    """Slot per token and head (b h n), or ``m`` (discard), for the ``strength``/``usage`` policies."""
+    b, h, m = state.valid.shape
+    n = mask.shape[1]
+    last = mask & (rank == (n_written[:, None] - 1))  # (b n): the last written token survives
+    neg_inf = torch.tensor(float("-inf"), device=prio_old.device)
+    pos_inf = torch.tensor(float("inf"), device=prio_old.device)
+    p_old = torch.where(state.valid, prio_old, neg_inf)
+    p_new = torch.where(mask[:, None, :], prio_new, neg_inf)
+    p_new = torch.where(last[:, None, :], pos_inf, p_new)
+    prio = torch.cat([p_old, p_new], dim=-1)  # (b h m+n)
+    steps = torch.cat([state.step, step_new[:, None, :].expand(b, h, n)], dim=-1)
+    valid = torch.cat([state.valid, mask[:, None, :].expand(b, h, n)], dim=-1)
+    # Order candidates best first by (priority desc, step desc): two stable sorts.
+    by_step = steps.argsort(dim=-1, descending=True, stable=True)
+    by_prio = prio.gather(-1, by_step).argsort(dim=-1, descending=True, stable=True)
+    order = by_step.gather(-1, by_prio)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m + n, device=order.device).expand_as(order))
+    survive = valid & (ranks < m)
+    survive_old, survive_new = survive[..., :m], survive[..., m:]
+    # The k-th surviving new token (in write order) takes the k-th freed slot (ascending).
+    freed_first = (survive_old.to(torch.int8)).argsort(dim=-1, stable=True)  # freed slot indices first
+    new_rank = (survive_new.long().cumsum(-1) - 1).clamp_min(0)
+    target = freed_first.gather(-1, new_rank.clamp_max(m - 1))
+    return torch.where(survive_new, target, torch.full_like(target, m))
+
+
+def write(
+    state: MemoryState,
+    keys: Tensor,
+    values: Tensor,
+    strength: Tensor,
+    *,
+    mask: Tensor | None = None,
+    eviction: str = "fifo",
+    usage_decay: float = USAGE_DECAY,
+) -> MemoryState:
+    """Write ``(g*k, g*v)`` for every (unmasked) token and head; returns a new state.
+
+    keys: (b h n dk), values: (b h n dv) in the state's dtype; strength ``g``: (b h n) float;
+    mask: (b n) bool, True = write this token (default: all). Gradients flow to keys, values,
+    strength and to the surviving slots of the old state.
+    """
+    check_write_args(state, keys, values, strength, mask, eviction, usage_decay)
+    b, h, n, dk = keys.shape
+    if n == 0:
+        return state
+    m, dv = state.capacity, state.value_dim
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=keys.device)
+    rank = mask.long().cumsum(dim=1) - 1  # (b n) position among this row's written tokens
+    n_written = mask.long().sum(dim=1)  # (b,)
+    step_new = state.count[:, None] + rank  # (b n)
+    g = strength.float()
+    wrote = (n_written > 0)[:, None, None]
+    usage_old = torch.where(wrote, state.usage * usage_decay, state.usage)
+
+    if eviction == "fifo":
+        dest = _fifo_destinations(step_new, rank, mask, n_written, m)[:, None, :].expand(b, h, n)
+    elif eviction == "strength":
+        dest = _priority_destinations(state, state.strength, g, step_new, rank, mask, n_written)
+    else:  # usage
+        dest = _priority_destinations(state, usage_old, torch.ones_like(g), step_new, rank, mask, n_written)
+
+    # For each slot, the token that lands there (or -1); destinations are unique except the
+    # discard column m, which is dropped.
+    token = torch.arange(n, device=keys.device).expand(b, h, n)
+    writer = torch.full((b, h, m + 1), -1, dtype=torch.long, device=keys.device)
+    writer = writer.scatter(-1, dest, token)[..., :m]
+    hit = writer >= 0  # (b h m)
+    src = writer.clamp_min(0)
+
+    gk = keys * g[..., None].to(keys.dtype)
+    gv = values * g[..., None].to(values.dtype)
+    new_keys = torch.where(hit[..., None], gk.gather(2, src[..., None].expand(b, h, m, dk)), state.keys)
+    new_values = torch.where(hit[..., None], gv.gather(2, src[..., None].expand(b, h, m, dv)), state.values)
+    return MemoryState(
+        keys=new_keys,
+        values=new_values,
+        valid=state.valid | hit,
+        strength=torch.where(hit, g.gather(2, src), state.strength),
+        step=torch.where(hit, step_new[:, None, :].expand(b, h, n).gather(2, src), state.step),
+        usage=torch.where(hit, torch.ones_like(usage_old), usage_old),
+        count=state.count + n_written,
+    )
