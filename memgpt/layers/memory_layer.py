@@ -1,0 +1,127 @@
+"""The drop-in memory layer: read the store, fuse what was read, write this call's tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..memory import USAGE_DECAY, MemoryState, write
+from ..memory.checks import check_eviction
+from ._validation import check_input, check_token_mask, positive_int
+from .fusion import GatedFusion
+from .reader import SoftmaxReader
+from .writer import GatedWriter
+
+__all__ = ["MemoryLayer"]
+
+
+class MemoryLayer(nn.Module):
+    """``y, state = layer(x, state, mask)``: reader -> fusion -> writer on x (b n dim).
+
+    Reads the memory as it was before the call (every token of the call sees the same store),
+    returns ``y = GatedFusion(x, Read(x))`` and the store with this call's tokens written.
+    No norm inside: put it where your model wants it. ``state=None`` is an empty store in x's
+    dtype; a given store keeps its own dtype (e.g. bf16 storage under an fp32 model): queries,
+    keys and values are cast to it and the read is cast back to x's dtype.
+
+    With ``scale=1.0, gated_scores=False, heads=1`` it computes exactly the seed's formulas.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 1,
+        capacity: int,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        scale: float | None = None,
+        top_k: int | None = None,
+        eviction: str = "fifo",
+        gated_scores: bool = True,
+        usage_decay: float = USAGE_DECAY,
+        fusion_bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_eviction(eviction)
+        self.capacity = positive_int("capacity", capacity)
+        self.eviction = eviction
+        if isinstance(usage_decay, bool) or not isinstance(usage_decay, (int, float)) or not 0 <= usage_decay <= 1:
+            raise ValueError(f"usage_decay must be a float in [0, 1], got {usage_decay!r}")
+        self.usage_decay = float(usage_decay)
+        self.reader = SoftmaxReader(dim, heads, key_dim, value_dim, scale=scale, top_k=top_k, gated_scores=gated_scores)
+        self.writer = GatedWriter(dim, heads, key_dim, value_dim)
+        self.fusion = GatedFusion(dim, bias_init=fusion_bias_init)
+
+    @property
+    def dim(self) -> int:
+        return self.reader.dim
+
+    @property
+    def heads(self) -> int:
+        return self.reader.heads
+
+    def extra_repr(self) -> str:
+        return f"capacity={self.capacity}, eviction={self.eviction!r}, usage_decay={self.usage_decay}"
+
+    def empty_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MemoryState:
+        r = self.reader
+        return MemoryState.empty(batch_size, r.heads, self.capacity, r.key_dim, r.value_dim, device=device, dtype=dtype)
+
+    def check_state(self, state: MemoryState, batch_size: int, device: torch.device) -> None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state must be a MemoryState or None, got {type(state).__name__}")
+        r = self.reader
+        state.check_compatible(
+            batch_size=batch_size,
+            heads=r.heads,
+            key_dim=r.key_dim,
+            value_dim=r.value_dim,
+            capacity=self.capacity,
+            device=device,
+        )
+
+    def read(self, x: Tensor, state: MemoryState, mask: Tensor | None = None) -> tuple[Tensor, MemoryState]:
+        """Read and fuse: x (b n d) -> (y (b n d), state with usage updated when eviction='usage')."""
+        y = self.fusion(x, self.reader(x, state))
+        if self.eviction == "usage":
+            state = state.replace(usage=state.usage + self.reader.usage(x, state, mask))
+        return y, state
+
+    def write(self, x: Tensor, state: MemoryState, mask: Tensor | None = None) -> MemoryState:
+        """Write the tokens of x (b n d) where mask (b n) is True."""
+        return self.store(*self.writer(x), state, mask=mask)
+
+    def store(
+        self, keys: Tensor, values: Tensor, strength: Tensor, state: MemoryState, mask: Tensor | None = None
+    ) -> MemoryState:
+        """Write the writer's outputs (keys (b h n dk), values (b h n dv), strength (b h n))."""
+        return write(
+            state,
+            keys.to(state.dtype),
+            values.to(state.dtype),
+            strength,
+            mask=mask,
+            eviction=self.eviction,
+            usage_decay=self.usage_decay,
+        )
+
+    def forward(
+        self, x: Tensor, state: MemoryState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, MemoryState]:
+        """x: (b n d); state: MemoryState or None (empty); mask: (b n) bool, True = real token.
+
+        Returns y (b n d) and the new state. Padding (mask False) is never written.
+        """
+        check_input("x", x, self.dim)
+        b, n, _ = x.shape
+        if mask is not None:
+            check_token_mask(mask, b, n, x.device)
+        if state is None:
+            state = self.empty_state(b, device=x.device, dtype=x.dtype)
+        else:
+            self.check_state(state, b, x.device)
+        y, state = self.read(x, state, mask)
+        return y, self.write(x, state, mask)

@@ -1,0 +1,156 @@
+"""The state a MemGPT model carries between calls, and its save/load.
+
+Files are written with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
+plain tensors and containers only, so loading a state file cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from .block import BlockState, SegmentBuffer
+from .memory import MemoryState
+
+__all__ = ["MemGPTState", "STATE_FORMAT", "STATE_VERSION"]
+
+STATE_FORMAT = "memgpt.MemGPTState"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class MemGPTState:
+    """Per-layer block states plus ``position`` (b,) int64: real tokens fed so far per sample.
+
+    The in-segment offset of each row is ``position % segment_len``; a row's unfinished segment
+    (its attention keys/values and pending writes) lives in the layers' segment buffers.
+    """
+
+    layers: tuple[BlockState, ...]
+    position: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not all(isinstance(s, BlockState) for s in self.layers):
+            raise TypeError("MemGPTState.layers must be a tuple of BlockState")
+        if not isinstance(self.position, Tensor) or self.position.dim() != 1 or self.position.dtype != torch.long:
+            got = (
+                f"{self.position.dtype} {tuple(self.position.shape)}"
+                if isinstance(self.position, Tensor)
+                else type(self.position).__name__
+            )
+            raise ValueError(f"MemGPTState.position must be an int64 tensor (b,), got {got}")
+        b = self.position.shape[0]
+        for i, layer in enumerate(self.layers):
+            if layer.memory.batch_size != b:
+                raise ValueError(f"layer {i}: memory batch size {layer.memory.batch_size} != position batch size {b}")
+            if layer.buffer is None:
+                raise ValueError(f"layer {i}: a model state needs a segment buffer in every layer")
+            for f in fields(SegmentBuffer):
+                t = getattr(layer.buffer, f.name)
+                if not isinstance(t, Tensor) or t.shape[0] != b:
+                    raise ValueError(f"layer {i}: buffer {f.name} must be a tensor with batch size {b}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.position.shape[0]
+
+    def _map(self, fn) -> "MemGPTState":
+        return MemGPTState(tuple(layer.map(fn) for layer in self.layers), fn(self.position))
+
+    def detach(self) -> "MemGPTState":
+        """Cut the autograd graph here (truncated BPTT across calls)."""
+        return self._map(Tensor.detach)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemGPTState":
+        """Move to ``device``; ``dtype`` converts the float storage (keys, values, buffers)."""
+
+        def move(t: Tensor) -> Tensor:
+            # Keys, values and buffered attention keys/values are the 4-D float tensors; the
+            # float32 metadata (strength, usage) keep their dtype.
+            if dtype is not None and t.is_floating_point() and t.dim() == 4:
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return self._map(move)
+
+    def reset_rows(self, mask: Tensor) -> "MemGPTState":
+        """Forget everything of the rows where ``mask`` (b,) is True (a new document starts)."""
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size,):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"reset_rows mask must be bool (b,) = ({self.batch_size},), got {got}")
+        keep = ~mask.to(self.position.device)
+
+        def reset(t: Tensor) -> Tensor:
+            k = keep.view(-1, *([1] * (t.dim() - 1)))
+            return torch.where(k, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+        return self._map(reset)
+
+    def index_select(self, index: Tensor) -> "MemGPTState":
+        """Rows reordered/duplicated by ``index`` (b',) (beam search)."""
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.long, torch.int32):
+            got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, Tensor) else type(index).__name__
+            raise ValueError(f"index must be an int64/int32 tensor (b',), got {got}")
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.batch_size):
+            raise ValueError(
+                f"index values must lie in [0, {self.batch_size}), got min {int(index.min())} max {int(index.max())}"
+            )
+        return self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    # ------------------------------------------------------------------ save / load
+    def _flat(self) -> dict[str, Tensor]:
+        out = {"position": self.position}
+        for i, layer in enumerate(self.layers):
+            for name, t in layer.memory.to_dict().items():
+                out[f"layers.{i}.memory.{name}"] = t
+            for f in fields(SegmentBuffer):
+                out[f"layers.{i}.buffer.{f.name}"] = getattr(layer.buffer, f.name)
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state (detached, contiguous) to ``path``."""
+        tensors = {k: v.detach().contiguous() for k, v in self._flat().items()}
+        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, "depth": len(self.layers), "tensors": tensors}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, map_location: str | torch.device | None = None) -> "MemGPTState":
+        """Read a state written by :meth:`save`. A corrupt or foreign file raises ValueError."""
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # torch raises many types for a corrupt file; name the file and the cause
+            raise ValueError(f"{os.fspath(path)!r} is not a readable memgpt state file: {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a memgpt state file (format {STATE_FORMAT!r} expected)")
+        if payload.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state file version: expected {STATE_VERSION}, got {payload.get('version')!r}")
+        tensors, depth = payload.get("tensors"), payload.get("depth")
+        if not isinstance(tensors, dict) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"{os.fspath(path)!r}: malformed state file (tensors/depth)")
+        try:
+            layers = []
+            for i in range(depth):
+                memory = MemoryState.from_dict(
+                    {f.name: tensors.pop(f"layers.{i}.memory.{f.name}") for f in fields(MemoryState)}
+                )
+                buffer = SegmentBuffer(**{f.name: tensors.pop(f"layers.{i}.buffer.{f.name}") for f in fields(SegmentBuffer)})
+                layers.append(BlockState(memory, buffer))
+            state = cls(tuple(layers), tensors.pop("position"))
+        except KeyError as e:
+            raise ValueError(f"{os.fspath(path)!r}: state file is missing tensor {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{os.fspath(path)!r}: inconsistent state file: {e}") from e
+        if tensors:
+            raise ValueError(f"{os.fspath(path)!r}: unexpected tensors in state file: {sorted(tensors)[:5]}")
+        return state
+
+    def __repr__(self) -> str:
+        mem = self.layers[0].memory if self.layers else None
+        return (
+            f"MemGPTState(layers={len(self.layers)}, batch_size={self.batch_size}, "
+            f"positions={self.position.tolist() if self.batch_size <= 8 else '...'}, memory={mem!r})"
+        )
