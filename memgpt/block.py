@@ -70,6 +70,7 @@ class SegmentView(NamedTuple):
     filled:  (b T) bool, positions already fed by earlier calls (their data is in the buffer)
     flush:   (b,) bool, rows whose segment completes with this slab
     cached:  python bool, whether any row has filled positions (else the buffer is skipped)
+    flushing: python bool, whether any row flushes (else the memory write is skipped)
     """
 
     start: int
@@ -77,6 +78,7 @@ class SegmentView(NamedTuple):
     filled: Tensor
     flush: Tensor
     cached: bool
+    flushing: bool
 
 
 def _place(buffer: Tensor, fresh: Tensor, present: Tensor, start: int) -> Tensor:
@@ -231,10 +233,11 @@ class MemGPTBlock(nn.Module):
                 values=_place(buffer.values, new_values, present, start),
                 strength=_place(buffer.strength, new_strength, present, start),
             )
-            slab = torch.zeros_like(view.filled)
-            slab[:, start : start + w] = present
-            flush = (view.filled | slab) & view.flush[:, None]  # (b T)
-            memory = self.memory.store(buffer.keys, buffer.values, buffer.strength, memory, mask=flush)
+            if view.flushing:  # a write is O(capacity): skip it while every segment is unfinished
+                slab = torch.zeros_like(view.filled)
+                slab[:, start : start + w] = present
+                flush = (view.filled | slab) & view.flush[:, None]  # (b T)
+                memory = self.memory.store(buffer.keys, buffer.values, buffer.strength, memory, mask=flush)
 
         y = h + self.resid_dropout(self.ffn(self.ffn_norm(h)))
         return y, BlockState(memory, buffer)

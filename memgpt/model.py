@@ -198,12 +198,14 @@ class MemGPTModel(nn.Module):
             seg_present = grid_present[:, seg]
             cols = seg_present.any(dim=0).nonzero().flatten()
             lo, hi = int(cols[0]), int(cols[-1]) + 1  # the slab of positions some row feeds
+            flush = (filled | seg_present)[:, T - 1]
             view = SegmentView(
                 start=lo,
                 present=seg_present[:, lo:hi],
                 filled=filled,
-                flush=(filled | seg_present)[:, T - 1],
+                flush=flush,
                 cached=bool(filled.any()),
+                flushing=bool(flush.any()),
             )
             x = self.token_emb(grid_ids[:, r * T + lo : r * T + hi])
             x = self.emb_dropout(x + self.pos_emb(torch.arange(lo, hi, device=device)))

@@ -120,8 +120,10 @@ def write(
                     prio = out_strength[bi, hi] if eviction == "strength" else usage[bi, hi]
                     slot = _victim(valid[bi, hi].tolist(), prio.tolist(), step[bi, hi].tolist())
                 gain = g[bi, hi, j]
-                out_keys[bi, hi, slot] = keys[bi, hi, j] * gain.to(keys.dtype)
-                out_values[bi, hi, slot] = values[bi, hi, j] * gain.to(values.dtype)
+                # float64 stores scale by the unrounded g; the float32 copy is metadata.
+                scale = (strength[bi, hi, j] if keys.dtype == torch.float64 else gain).to(keys.dtype)
+                out_keys[bi, hi, slot] = keys[bi, hi, j] * scale
+                out_values[bi, hi, slot] = values[bi, hi, j] * scale
                 out_strength[bi, hi, slot] = gain
                 valid[bi, hi, slot] = True
                 step[bi, hi, slot] = s

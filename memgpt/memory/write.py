@@ -118,8 +118,11 @@ def write(
     hit = writer >= 0  # (b h m)
     src = writer.clamp_min(0)
 
-    gk = keys * g[..., None].to(keys.dtype)
-    gv = values * g[..., None].to(values.dtype)
+    # The stored pair is scaled by g in the storage dtype; a float64 store takes g unrounded
+    # (the float32 copy in ``strength`` is metadata for eviction and gated scores).
+    g_store = (strength if keys.dtype == torch.float64 else g).to(keys.dtype)[..., None]
+    gk = keys * g_store
+    gv = values * g_store
     new_keys = torch.where(hit[..., None], gk.gather(2, src[..., None].expand(b, h, m, dk)), state.keys)
     new_values = torch.where(hit[..., None], gv.gather(2, src[..., None].expand(b, h, m, dv)), state.values)
     return MemoryState(

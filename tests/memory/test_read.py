@@ -1,0 +1,301 @@
+"""memory.read / read_usage: fast == reference (forward and gradients), gradcheck, properties, errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memgpt.memory import MemoryState, read, read_usage
+from memgpt.memory import reference as ref
+from memgpt.testing import assert_close_dtype, assert_close_to_ref
+
+read_module = importlib.import_module("memgpt.memory.read")  # `memgpt.memory.read` the attribute is the function
+
+LOW = (torch.bfloat16, torch.float16)
+META = ("valid", "strength", "step", "usage")
+
+
+def random_state(b, h, m, dk, dv, *, dtype=torch.float64, device="cpu", generator=None, p_valid=0.6, count=None):
+    """A state with random slots, a random valid pattern (garbage in invalid slots) and unique steps."""
+    gen = dict(generator=generator)
+    valid = torch.rand(b, h, m, **gen) < p_valid
+    state = MemoryState(
+        keys=torch.randn(b, h, m, dk, dtype=dtype, **gen),
+        values=torch.randn(b, h, m, dv, dtype=dtype, **gen),
+        valid=valid,
+        strength=torch.sigmoid(2 * torch.randn(b, h, m, **gen)),
+        step=torch.rand(b, h, m, **gen).argsort(dim=-1),
+        usage=torch.rand(b, h, m, **gen),
+        count=torch.full((b,), m if count is None else count, dtype=torch.long),
+    )
+    return state.to(device)
+
+
+def with_grad(state: MemoryState) -> MemoryState:
+    """The same state whose keys, values and strength are fresh leaves that require grad."""
+    return state.replace(**{k: getattr(state, k).detach().clone().requires_grad_() for k in ("keys", "values", "strength")})
+
+
+def read_and_grads(fn, q, state, **kw):
+    """(out, [dq, dkeys, dvalues, dstrength]) for a fixed random upstream gradient."""
+    q = q.detach().clone().requires_grad_()
+    state = with_grad(state)
+    out = fn(q, state, **kw)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, [q, state.keys, state.values, state.strength], dout, materialize_grads=True)
+    return out.detach(), list(grads)
+
+
+GRAD_NAMES = ("out", "dq", "dkeys", "dvalues", "dstrength")
+
+
+def check_against_reference(q, state, **kw):
+    """Fast vs reference for forward and every gradient; the 2x rule for low precision."""
+    out, grads = read_and_grads(read, q, state, **kw)
+    out_ref, grads_ref = read_and_grads(ref.read, q, state, **kw)
+    if q.dtype in LOW:
+        out_ex, grads_ex = read_and_grads(ref.read, q.double(), state.to(dtype=torch.float64), **kw)
+        for name, a, r, e in zip(GRAD_NAMES, [out, *grads], [out_ref, *grads_ref], [out_ex, *grads_ex]):
+            assert_close_to_ref(a, r, e, name=name)
+            assert a.dtype == r.dtype, name
+    else:
+        for name, a, r in zip(GRAD_NAMES, [out, *grads], [out_ref, *grads_ref]):
+            assert_close_dtype(a, r, msg=name)
+
+
+SHAPES = [  # (b, h, n, m, dk, dv): capacity 1, awkward sizes 1, 3, 17
+    (1, 1, 1, 1, 1, 1),
+    (2, 3, 3, 17, 5, 3),
+    (3, 1, 17, 3, 4, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_k", [None, 1, 3, 20])
+@pytest.mark.parametrize("gated_scores", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_read_matches_reference(device, dtype, top_k, gated_scores, shape):
+    b, h, n, m, dk, dv = shape
+    state = random_state(b, h, m, dk, dv, dtype=dtype, device=device)
+    state = state.replace(valid=state.valid.clone().index_fill_(0, torch.tensor([0], device=device), True))
+    q = torch.randn(b, h, n, dk, dtype=dtype, device=device)
+    check_against_reference(q, state, top_k=top_k, gated_scores=gated_scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("top_k", [1, 3, 7, 12, 17])
+def test_top_k_multi_chunk_matches_reference(monkeypatch, dtype, top_k):
+    """Capacity larger than TOP_K_CHUNK: the running top-k across chunks (last one partial)."""
+    monkeypatch.setattr(read_module, "TOP_K_CHUNK", 5)
+    state = random_state(2, 2, 17, 4, 3, dtype=dtype, p_valid=0.8)
+    q = torch.randn(2, 2, 6, 4, dtype=dtype)
+    check_against_reference(q, state, top_k=top_k)
+
+
+def test_scale_one_is_the_seed_formula():
+    """scale=1, ungated: softmax(q.k) over the valid slots, written out by hand."""
+    state = random_state(2, 2, 5, 3, 4, p_valid=1.0)
+    q = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    by_hand = torch.softmax(q @ state.keys.transpose(-1, -2), dim=-1) @ state.values
+    assert_close_dtype(read(q, state, scale=1.0, gated_scores=False), by_hand)
+    scores = q @ state.keys.transpose(-1, -2) * 3**-0.5 + state.strength.double().log()[:, :, None, :]
+    assert_close_dtype(read(q, state), torch.softmax(scores, dim=-1) @ state.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_read_usage_matches_reference(device, dtype, top_k):
+    state = random_state(3, 2, 6, 4, 3, dtype=dtype, device=device)
+    state = state.replace(valid=state.valid.clone().index_fill_(0, torch.tensor([0], device=device), False))
+    q = torch.randn(3, 2, 5, 4, dtype=dtype, device=device)
+    mask = torch.rand(3, 5, device=device) < 0.6
+    for kw in (dict(), dict(mask=mask), dict(mask=mask, gated_scores=False, scale=0.7)):
+        fast, slow = read_usage(q, state, top_k=top_k, **kw), ref.read_usage(q, state, top_k=top_k, **kw)
+        assert fast.dtype == torch.float32 and fast.shape == (3, 2, 6)
+        assert_close_dtype(fast, slow)
+        assert not fast[0].any()  # the empty row gets no usage
+
+
+def test_read_usage_sums_read_weights():
+    state = random_state(2, 3, 7, 4, 2)
+    q = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    expected = ref.read_weights(q, state, top_k=3).sum(dim=2).float()
+    assert_close_dtype(read_usage(q, state, top_k=3), expected)
+    # additive: one call == token by token
+    by_token = sum(read_usage(q[:, :, i : i + 1], state, top_k=3) for i in range(5))
+    assert_close_dtype(by_token, read_usage(q, state, top_k=3))
+
+
+# ---------------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("gated_scores", [True, False])
+@pytest.mark.parametrize("fn", [read, ref.read], ids=["fast", "reference"])
+def test_read_gradcheck(fn, top_k, gated_scores):
+    """float64 gradcheck w.r.t. q, keys and values (strength is float32 metadata, see test_write)."""
+    state = random_state(2, 2, 4, 3, 2, p_valid=0.7)
+    state = state.replace(valid=state.valid | (torch.arange(4) == 0))
+    q = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    keys = state.keys.clone().requires_grad_()
+    values = state.values.clone().requires_grad_()
+
+    def f(q, keys, values):
+        return fn(q, state.replace(keys=keys, values=values), top_k=top_k, gated_scores=gated_scores)
+
+    assert torch.autograd.gradcheck(f, (q, keys, values))
+
+
+# ---------------------------------------------------------------------------------- properties
+
+dims = st.integers(1, 3)
+sizes = st.sampled_from([1, 2, 3, 5, 17])
+seeds = st.integers(0, 2**31 - 1)
+top_ks = st.sampled_from([None, 1, 2, 4, 100])
+
+
+@given(b=dims, h=dims, n=sizes, m=sizes, dk=dims, dv=dims, top_k=top_ks, gated=st.booleans(), seed=seeds)
+def test_empty_memory_reads_zeros_with_finite_gradients(device, b, h, n, m, dk, dv, top_k, gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = random_state(b, h, m, dk, dv, generator=gen, p_valid=0.0, device=device)  # garbage, none valid
+    q = torch.randn(b, h, n, dk, generator=gen, dtype=torch.float64).to(device)
+    for fn in (read, ref.read):
+        out, grads = read_and_grads(fn, q, state, top_k=top_k, gated_scores=gated)
+        assert torch.equal(out, torch.zeros_like(out))
+        for g in grads:
+            assert torch.isfinite(g).all()
+    assert torch.equal(read_usage(q, state, top_k=top_k), torch.zeros(b, h, m, device=device))
+    fresh = MemoryState.empty(b, h, m, dk, dv, dtype=torch.float64, device=device)
+    assert torch.equal(read(q, fresh, top_k=top_k), torch.zeros(b, h, n, dv, dtype=torch.float64, device=device))
+
+
+@given(b=dims, h=dims, n=sizes, m=sizes, top_k=top_ks, gated=st.booleans(), seed=seeds)
+def test_reference_weights_sum_to_one_over_valid_slots(b, h, n, m, top_k, gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = random_state(b, h, m, 3, 2, generator=gen)
+    q = torch.randn(b, h, n, 3, generator=gen, dtype=torch.float64)
+    w = ref.read_weights(q, state, top_k=top_k, gated_scores=gated)
+    assert w.shape == (b, h, n, m) and (w >= 0).all()
+    assert not w.masked_select(~state.valid[:, :, None, :].expand_as(w)).any()
+    has_valid = state.valid.any(dim=-1)[..., None].expand(b, h, n)
+    sums = w.sum(dim=-1)
+    assert_close_dtype(sums[has_valid], torch.ones_like(sums[has_valid]))
+    assert not sums[~has_valid].any()
+    if top_k is not None:
+        assert ((w > 0).sum(dim=-1) <= top_k).all()
+
+
+def permute_slots(state: MemoryState, perm) -> MemoryState:
+    def p(t):
+        return t.gather(2, perm if t.dim() == 3 else perm[..., None].expand_as(t))
+
+    return state.replace(**{k: p(getattr(state, k)) for k in ("keys", "values", *META)})
+
+
+@given(b=dims, h=dims, n=sizes, m=sizes, top_k=top_ks, gated=st.booleans(), seed=seeds)
+def test_permuting_slots_leaves_the_read_unchanged(device, b, h, n, m, top_k, gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = random_state(b, h, m, 3, 2, generator=gen, device=device)
+    perm = torch.rand(b, h, m, generator=gen).argsort(dim=-1).to(device)
+    permuted = permute_slots(state, perm)
+    q = torch.randn(b, h, n, 3, generator=gen, dtype=torch.float64).to(device)
+    kw = dict(top_k=top_k, gated_scores=gated)
+    assert_close_dtype(read(q, permuted, **kw), read(q, state, **kw))
+    assert_close_dtype(ref.read(q, permuted, **kw), ref.read(q, state, **kw))
+    assert_close_dtype(read_usage(q, permuted, **kw), read_usage(q, state, **kw).gather(2, perm))
+
+
+@given(b=st.integers(2, 4), h=dims, n=sizes, m=sizes, top_k=top_ks, dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), seed=seeds)
+def test_batch_rows_never_affect_each_other(device, b, h, n, m, top_k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = random_state(b, h, m, 3, 2, dtype=dtype, generator=gen, device=device)
+    other = random_state(b, h, m, 3, 2, dtype=dtype, generator=gen, device=device)
+    q = torch.randn(b, h, n, 3, generator=gen).to(device, dtype)
+    q2 = torch.randn(b, h, n, 3, generator=gen).to(device, dtype)
+    j = int(torch.randint(b, (1,), generator=gen))
+    row = torch.arange(b, device=device) == j
+    # row j gets entirely different inputs and memory
+    state2 = MemoryState(**{k: torch.where(row.view(-1, *[1] * (v.dim() - 1)), getattr(other, k), v) for k, v in state.to_dict().items()})
+    q2 = torch.where(row[:, None, None, None], q2, q)
+    keep = ~row
+    for fn in (read, read_usage, ref.read):
+        a, c = fn(q, state, top_k=top_k), fn(q2, state2, top_k=top_k)
+        assert torch.equal(a[keep], c[keep]), fn
+
+
+@given(b=dims, h=dims, n=sizes, m=sizes, extra=st.integers(0, 3), gated=st.booleans(), seed=seeds)
+def test_top_k_at_least_valid_count_is_the_full_read(device, b, h, n, m, extra, gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = random_state(b, h, m, 3, 2, generator=gen, device=device)
+    q = torch.randn(b, h, n, 3, generator=gen, dtype=torch.float64).to(device)
+    k = int(state.valid.sum(dim=-1).max()) + extra
+    if k == 0:
+        k = 1
+    for fn in (read, ref.read):
+        assert_close_dtype(fn(q, state, top_k=k, gated_scores=gated), fn(q, state, gated_scores=gated))
+    assert_close_dtype(read_usage(q, state, top_k=k, gated_scores=gated), read_usage(q, state, gated_scores=gated))
+
+
+@given(b=dims, h=dims, n=sizes, m=sizes, top_k=top_ks, gated=st.booleans(), seed=seeds)
+def test_fast_matches_reference_on_random_shapes(b, h, n, m, top_k, gated, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = random_state(b, h, m, 2, 3, generator=gen, p_valid=float(torch.rand((), generator=gen)))
+    q = torch.randn(b, h, n, 2, generator=gen, dtype=torch.float64)
+    check_against_reference(q, state, top_k=top_k, gated_scores=gated)
+    mask = torch.rand(b, n, generator=gen) < 0.5
+    kw = dict(top_k=top_k, gated_scores=gated, mask=mask)
+    assert_close_dtype(read_usage(q, state, **kw), ref.read_usage(q, state, **kw))
+
+
+def test_read_has_value_semantics():
+    state = random_state(2, 2, 5, 3, 4)
+    before = state.clone()
+    q = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    read(q, state), read(q, state, top_k=2), read_usage(q, state)
+    for k, v in state.to_dict().items():
+        assert torch.equal(v, getattr(before, k)), k
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("fn", [read, ref.read, read_usage], ids=["fast", "reference", "usage"])
+def test_read_rejects_bad_input(fn):
+    state = MemoryState.empty(2, 3, 4, 5, 6, dtype=torch.float32)
+    q = torch.randn(2, 3, 7, 5)
+    cases = [
+        (torch.randn(2, 3, 5), {}, ValueError, r"q must be \(b h n dk\), got shape \(2, 3, 5\)"),
+        (torch.randn(1, 3, 7, 5), {}, ValueError, r"must have \(b, h, dk\) = \(2, 3, 5\) to match the memory state, got \(1, 3, 5\)"),
+        (torch.randn(2, 4, 7, 5), {}, ValueError, r"= \(2, 3, 5\) to match the memory state, got \(2, 4, 5\)"),
+        (torch.randn(2, 3, 7, 6), {}, ValueError, r"= \(2, 3, 5\) to match the memory state, got \(2, 3, 6\)"),
+        (q.double(), {}, TypeError, r"q has dtype torch.float64 but the memory state stores torch.float32"),
+        (q.numpy(), {}, TypeError, r"q must be a Tensor \(b h n dk\), got ndarray"),
+        (q, dict(top_k=0), ValueError, r"top_k must be >= 1, got 0"),
+        (q, dict(top_k=-2), ValueError, r"top_k must be >= 1, got -2"),
+        (q, dict(top_k=2.0), TypeError, r"top_k must be an int or None, got float"),
+        (q, dict(top_k=True), TypeError, r"top_k must be an int or None, got bool"),
+        (q, dict(scale=0.0), ValueError, r"scale must be > 0, got 0.0"),
+        (q, dict(scale="1"), TypeError, r"scale must be a float or None, got str"),
+    ]
+    for bad_q, kw, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn(bad_q, state, **kw)
+    with pytest.raises(TypeError, match=r"state must be a MemoryState, got dict"):
+        fn(q, state.to_dict())
+
+
+# ---------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_compiled_read_matches_eager(top_k):
+    torch._dynamo.reset()
+    state = random_state(2, 2, 5, 4, 3, dtype=torch.float32)
+    q = torch.randn(2, 2, 3, 4)
+    compiled = torch.compile(lambda q, s: read(q, s, top_k=top_k), fullgraph=True)
+    assert_close_dtype(compiled(q, state), read(q, state, top_k=top_k))
