@@ -55,7 +55,14 @@ def assert_close_dtype(actual: Tensor, expected: Tensor, *, msg: str | None = No
     torch.testing.assert_close(actual, expected, **tolerance(actual.dtype), msg=msg)
 
 
-def assert_close_to_ref(fast: Tensor, ref_lowp: Tensor, ref_exact: Tensor, *, name: str = "result") -> None:
+def assert_close_to_ref(
+    fast: Tensor,
+    ref_lowp: Tensor,
+    ref_exact: Tensor,
+    *,
+    name: str = "result",
+    dtype: torch.dtype | None = None,
+) -> None:
     """The flash-attention rule for low precision.
 
     ``fast`` (a fast op in a low dtype) must be as close to ``ref_exact`` (a float64 oracle fed
@@ -63,6 +70,10 @@ def assert_close_to_ref(fast: Tensor, ref_lowp: Tensor, ref_exact: Tensor, *, na
     same low dtype), plus a floor of one unit in the last place of the largest exact value,
     which covers a float32 intermediate that rounds to the other neighbour. Errors are the
     largest absolute differences over the whole tensor.
+
+    ``dtype`` is the precision the op ran in (default ``fast.dtype``) and sets the floor: the
+    float32 gradient of a gate (memory metadata are float32) in a bfloat16 op is judged at
+    bfloat16's unit in the last place.
     """
     if fast.shape != ref_lowp.shape or fast.shape != ref_exact.shape:
         raise AssertionError(
@@ -76,7 +87,7 @@ def assert_close_to_ref(fast: Tensor, ref_lowp: Tensor, ref_exact: Tensor, *, na
         raise AssertionError(f"{name}: fast result has non-finite values")
     fast_err = (fast.detach().double() - exact).abs().max().item() if fast.numel() else 0.0
     ref_err = (ref_lowp.detach().double() - exact).abs().max().item() if fast.numel() else 0.0
-    floor = torch.finfo(fast.dtype).eps * (exact.abs().max().item() if fast.numel() else 0.0)
+    floor = torch.finfo(dtype or fast.dtype).eps * (exact.abs().max().item() if fast.numel() else 0.0)
     if not fast_err <= 2 * ref_err + floor:
         raise AssertionError(
             f"{name}: fast {fast.dtype} error {fast_err:.3e} exceeds 2 x reference error {ref_err:.3e} "
@@ -100,8 +111,6 @@ def canonical_memory(state) -> dict[str, Tensor]:
         index = order if t.dim() == 3 else order[..., None].expand_as(t)
         return t.gather(2, index)
 
-    out = {
-        name: by_slot(getattr(state, name)) for name in ("keys", "values", "valid", "strength", "step", "usage")
-    }
+    out = {name: by_slot(getattr(state, name)) for name in ("keys", "values", "valid", "strength", "step", "usage")}
     out["count"] = state.count
     return out

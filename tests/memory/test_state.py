@@ -21,7 +21,7 @@ def filled(device, dtype=torch.float32, requires_grad=False) -> MemoryState:
 
 
 def fields_equal(a: MemoryState, b: MemoryState) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.to_dict().values(), b.to_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(a.to_dict().values(), b.to_dict().values(), strict=True))
 
 
 # ---------------------------------------------------------------------------------- empty()
@@ -70,13 +70,38 @@ def test_empty_rejects_bad_arguments(kwargs, exc, match):
 @pytest.mark.parametrize(
     "field, bad, exc, match",
     [
-        ("values", torch.zeros(B, H, M + 1, DV), ValueError, r"values must be \(b h m dv\) = \(3, 2, 4, dv\), got shape \(3, 2, 5, 6\)"),
-        ("values", torch.zeros(B, H, M, DV, dtype=torch.float64), TypeError, r"share a floating dtype, got torch.float32 and torch.float64"),
+        (
+            "values",
+            torch.zeros(B, H, M + 1, DV),
+            ValueError,
+            r"values must be \(b h m dv\) = \(3, 2, 4, dv\), got shape \(3, 2, 5, 6\)",
+        ),
+        (
+            "values",
+            torch.zeros(B, H, M, DV, dtype=torch.float64),
+            TypeError,
+            r"share a floating dtype, got torch.float32 and torch.float64",
+        ),
         ("keys", torch.zeros(B, H, M), ValueError, r"keys must be \(b h m dk\), got shape \(3, 2, 4\)"),
-        ("valid", torch.zeros(B, H, M + 1, dtype=torch.bool), ValueError, r"valid must be \(b h m\) = \(3, 2, 4\), got shape \(3, 2, 5\)"),
+        (
+            "valid",
+            torch.zeros(B, H, M + 1, dtype=torch.bool),
+            ValueError,
+            r"valid must be \(b h m\) = \(3, 2, 4\), got shape \(3, 2, 5\)",
+        ),
         ("valid", torch.zeros(B, H, M), TypeError, r"valid must have dtype torch.bool, got torch.float32"),
-        ("strength", torch.zeros(B, H, M, dtype=torch.float64), TypeError, r"strength must have dtype torch.float32, got torch.float64"),
-        ("step", torch.zeros(B, H, M, dtype=torch.int32), TypeError, r"step must have dtype torch.int64, got torch.int32"),
+        (
+            "strength",
+            torch.zeros(B, H, M, dtype=torch.float64),
+            TypeError,
+            r"strength must have dtype torch.float32, got torch.float64",
+        ),
+        (
+            "step",
+            torch.zeros(B, H, M, dtype=torch.int32),
+            TypeError,
+            r"step must have dtype torch.int64, got torch.int32",
+        ),
         ("usage", torch.zeros(B, 1, M), ValueError, r"usage must be \(b h m\) = \(3, 2, 4\), got shape \(3, 1, 4\)"),
         ("count", torch.zeros(B + 1, dtype=torch.long), ValueError, r"count must be \(b,\) = \(3,\), got shape \(4,\)"),
         ("count", torch.zeros(B), TypeError, r"count must be int64, got torch.float32"),
@@ -130,7 +155,16 @@ def test_check_compatible_names_expected_and_actual():
 
 def test_repr_is_informative(device):
     r = repr(MemoryState.empty(B, H, M, DK, DV, device=device, dtype=torch.bfloat16))
-    for part in ("MemoryState(", "batch_size=3", "heads=2", "capacity=4", "key_dim=5", "value_dim=6", "bfloat16", device.type):
+    for part in (
+        "MemoryState(",
+        "batch_size=3",
+        "heads=2",
+        "capacity=4",
+        "key_dim=5",
+        "value_dim=6",
+        "bfloat16",
+        device.type,
+    ):
         assert part in r, (part, r)
     assert len(r) < 300  # no tensor dumps
 
@@ -172,7 +206,7 @@ def test_clone_is_independent():
     s = filled("cpu")
     c = s.clone()
     assert fields_equal(c, s)
-    assert all(x.data_ptr() != y.data_ptr() for x, y in zip(c.to_dict().values(), s.to_dict().values()))
+    assert all(x.data_ptr() != y.data_ptr() for x, y in zip(c.to_dict().values(), s.to_dict().values(), strict=True))
 
 
 def test_reset_rows_empties_only_masked_rows(device):
