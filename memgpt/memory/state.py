@@ -80,8 +80,8 @@ class MemoryState:
             _require(value >= 1, f"{name} must be >= 1, got {value}")
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         _require(
-            dtype.is_floating_point,
-            f"dtype must be a floating point dtype, got {dtype}",
+            isinstance(dtype, torch.dtype) and dtype.is_floating_point,
+            f"dtype must be a floating point dtype, got {dtype!r}",
             TypeError,
         )
         b, h, m = batch_size, heads, capacity
@@ -224,7 +224,11 @@ class MemoryState:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryState":
         """Move to ``device``; ``dtype`` converts keys and values only (metadata keep theirs)."""
         if dtype is not None:
-            _require(dtype.is_floating_point, f"dtype must be floating point, got {dtype}", TypeError)
+            _require(
+                isinstance(dtype, torch.dtype) and dtype.is_floating_point,
+                f"dtype must be floating point, got {dtype!r}",
+                TypeError,
+            )
 
         def move(t: Tensor) -> Tensor:
             if t.is_floating_point() and t is not self.strength and t is not self.usage:

@@ -54,6 +54,7 @@ def test_empty_default_dtype_is_torch_default():
         (dict(key_dim="4"), TypeError, r"key_dim must be an int, got str"),
         (dict(dtype=torch.int64), TypeError, r"dtype must be a floating point dtype, got torch.int64"),
         (dict(dtype=torch.bool), TypeError, r"floating point dtype, got torch.bool"),
+        (dict(dtype="float32"), TypeError, r"floating point dtype, got 'float32'"),
     ],
 )
 def test_empty_rejects_bad_arguments(kwargs, exc, match):
@@ -193,6 +194,8 @@ def test_to_dtype_converts_keys_and_values_only(device):
         assert torch.equal(getattr(t, name), getattr(s, name)), name
     with pytest.raises(TypeError, match=r"dtype must be floating point, got torch.int32"):
         s.to(dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"dtype must be floating point, got 'bfloat16'"):
+        s.to(dtype="bfloat16")
 
 
 def test_to_device_keeps_everything(device):
