@@ -320,6 +320,8 @@ def test_read_rejects_bad_input(fn):
             fn(bad_q, state, **kw)
     with pytest.raises(TypeError, match=r"state must be a MemoryState, got dict"):
         fn(q, state.to_dict())
+    with pytest.raises(ValueError, match=r"q is on meta but the memory state is on cpu"):  # any other device
+        fn(q.to("meta"), state)
 
 
 # ---------------------------------------------------------------------------------- torch.compile

@@ -484,6 +484,11 @@ def test_write_rejects_bad_input(fn):
             fn(state, args.pop("keys"), args.pop("values"), args.pop("strength"), **args)
     with pytest.raises(TypeError, match=r"state must be a MemoryState, got dict"):
         fn(state.to_dict(), k, v, g)
+    meta = dict(keys=(k.to("meta"), v, g, None), values=(k, v.to("meta"), g, None), strength=(k, v, g.to("meta"), None))
+    meta["mask"] = (k, v, g, torch.ones(2, 7, dtype=torch.bool, device="meta"))
+    for name, (kk, vv, gg, mask) in meta.items():  # any other device than the state's
+        with pytest.raises(ValueError, match=rf"{name} is on meta but the memory state is on cpu"):
+            fn(state, kk, vv, gg, mask=mask)
 
 
 # ---------------------------------------------------------------------------------- torch.compile
