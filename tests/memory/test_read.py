@@ -121,6 +121,7 @@ def test_read_usage_matches_reference(device, dtype, top_k):
         assert fast.dtype == torch.float32 and fast.shape == (3, 2, 6)
         assert_close_dtype(fast, slow)
         assert not fast[0].any()  # the empty row gets no usage
+    assert not read_usage(q.requires_grad_(), state).requires_grad  # a statistic, never a gradient path
 
 
 def test_read_usage_sums_read_weights():
@@ -269,14 +270,23 @@ def test_top_k_at_least_valid_count_is_the_full_read(device, b, h, n, m, extra, 
     assert_close_dtype(read_usage(q, state, top_k=k, gated_scores=gated), read_usage(q, state, gated_scores=gated))
 
 
-@given(b=dims, h=dims, n=sizes, m=sizes, top_k=top_ks, gated=st.booleans(), seed=seeds)
-def test_fast_matches_reference_on_random_shapes(b, h, n, m, top_k, gated, seed):
+@given(
+    b=dims,
+    h=dims,
+    n=sizes,
+    m=sizes,
+    top_k=top_ks,
+    gated=st.booleans(),
+    scale=st.sampled_from([None, 1.0, 0.3]),
+    seed=seeds,
+)
+def test_fast_matches_reference_on_random_shapes(b, h, n, m, top_k, gated, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     state = random_state(b, h, m, 2, 3, generator=gen, p_valid=float(torch.rand((), generator=gen)))
     q = torch.randn(b, h, n, 2, generator=gen, dtype=torch.float64)
-    check_against_reference(q, state, top_k=top_k, gated_scores=gated)
+    check_against_reference(q, state, top_k=top_k, gated_scores=gated, scale=scale)
     mask = torch.rand(b, n, generator=gen) < 0.5
-    kw = dict(top_k=top_k, gated_scores=gated, mask=mask)
+    kw = dict(top_k=top_k, gated_scores=gated, scale=scale, mask=mask)
     assert_close_dtype(read_usage(q, state, **kw), ref.read_usage(q, state, **kw))
 
 

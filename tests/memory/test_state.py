@@ -225,6 +225,17 @@ def test_reset_rows_empties_only_masked_rows(device):
     assert fields_equal(s.reset_rows(torch.zeros(B, dtype=torch.bool, device=device)), s)
 
 
+def test_write_after_reset_rows_is_a_fresh_start(device):
+    s = filled(device)
+    mask = torch.tensor([True, False, False], device=device)
+    keys, values = torch.randn(B, H, 3, DK, device=device), torch.randn(B, H, 3, DV, device=device)
+    strength = torch.rand(B, H, 3, device=device)
+    after_reset = write(s.reset_rows(mask), keys, values, strength)
+    fresh = write(MemoryState.empty(B, H, M, DK, DV, device=device), keys, values, strength)
+    for name, t in after_reset.to_dict().items():
+        assert torch.equal(t[0], getattr(fresh, name)[0]), name
+
+
 @pytest.mark.parametrize(
     "mask, exc, match",
     [
