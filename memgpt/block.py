@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .layers import FeedForward, MemoryLayer, MultiHeadAttention
 from .layers._validation import check_input, check_token_mask, positive_int
 from .memory import USAGE_DECAY, MemoryState
+from .memory.state import metadata_dtype
 
 __all__ = ["MemGPTBlock", "BlockState", "SegmentBuffer", "SegmentView"]
 
@@ -156,7 +157,7 @@ class MemGPTBlock(nn.Module):
             attn_values=z(b, a.heads, T, a.head_dim),
             keys=z(b, r.heads, T, r.key_dim),
             values=z(b, r.heads, T, r.value_dim),
-            strength=torch.zeros(b, r.heads, T, device=memory.device, dtype=torch.float32),
+            strength=torch.zeros(b, r.heads, T, device=memory.device, dtype=metadata_dtype(memory.dtype)),
         )
         return BlockState(memory, buffer)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .block import BlockState, SegmentBuffer
 from .memory import MemoryState
+from .memory.state import metadata_dtype
 
 __all__ = ["MemGPTState", "STATE_FORMAT", "STATE_VERSION"]
 
@@ -67,11 +68,13 @@ class MemGPTState:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemGPTState":
         """Move to ``device``; ``dtype`` converts the float storage (keys, values, buffers)."""
 
+        meta = None if dtype is None else metadata_dtype(dtype)
+
         def move(t: Tensor) -> Tensor:
-            # Keys, values and buffered attention keys/values are the 4-D float tensors; the
-            # float32 metadata (strength, usage) keep their dtype.
-            if dtype is not None and t.is_floating_point() and t.dim() == 4:
-                return t.to(device=device, dtype=dtype)
+            # The 4-D float tensors are storage (keys, values, buffered attention keys/values);
+            # the 3-D ones are slot metadata (strength, usage), float32 unless float64.
+            if t.is_floating_point():
+                return t.to(device=device, dtype=dtype if t.dim() == 4 else meta)
             return t.to(device=device)
 
         return self._map(move)

@@ -134,22 +134,30 @@ def read_usage(
     gated_scores: bool = True,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Sum over queries of the read weights each slot receives, (b h m) float32, no gradient.
+    """Sum over queries of the read weights each slot receives, (b h m), no gradient.
 
     q: (b h n dk); mask: (b n) bool, queries to count (default all). Rows with no valid slot get
     zeros. Summing (not averaging) keeps usage additive, so reading a segment in one call or
-    token by token accumulates the same usage.
+    token by token accumulates the same usage. With ``top_k``, exactly the k slots :func:`read`
+    uses are credited. The result has the dtype of ``state.usage``.
     """
     check_read_args(q, state, top_k)
     s = resolve_scale(scale, state.key_dim)
     with torch.no_grad():
         ct = q.dtype if q.dtype == torch.float64 else torch.float32
         bias = slot_bias(state, gated_scores, ct)
-        scores = torch.matmul(q.to(ct), state.keys.to(ct).transpose(-1, -2)) * s + bias[:, :, None, :]
-        if top_k is not None and top_k < state.capacity:
-            kth = scores.topk(top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        weights = scores.softmax(dim=-1) * _has_valid(state)  # (b h n m)
+        qc, keys = q.to(ct), state.keys.to(ct)
+        if top_k is None:
+            weights = (torch.matmul(qc, keys.transpose(-1, -2)) * s + bias[:, :, None, :]).softmax(dim=-1)
+            idx = None
+        else:
+            idx = _select_top_k(qc, keys, bias, s, min(top_k, state.capacity))  # (b h n k)
+            scores = torch.einsum("bhnd,bhnkd->bhnk", qc, _gather_slots(keys, idx)) * s
+            weights = (scores + bias.gather(2, idx.flatten(2)).view_as(idx)).softmax(dim=-1)
+        weights = weights * _has_valid(state)
         if mask is not None:
             weights = weights * mask[:, None, :, None].to(weights.dtype)
-        return weights.sum(dim=2).float()
+        if idx is None:
+            return weights.sum(dim=2).to(state.usage.dtype)
+        usage = torch.zeros(state.usage.shape, dtype=weights.dtype, device=weights.device)
+        return usage.scatter_add(2, idx.flatten(2), weights.flatten(2)).to(state.usage.dtype)

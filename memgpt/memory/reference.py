@@ -66,12 +66,12 @@ def read_usage(
     gated_scores: bool = True,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """(b h m) float32: the read weights summed over the (unmasked) queries."""
+    """(b h m) in the dtype of ``state.usage``: the read weights summed over the (unmasked) queries."""
     with torch.no_grad():
         w = read_weights(q, state, scale=scale, top_k=top_k, gated_scores=gated_scores)
         if mask is not None:
             w = w * mask[:, None, :, None].to(w.dtype)
-        return w.sum(dim=2).float()
+        return w.sum(dim=2).to(state.usage.dtype)
 
 
 def _victim(valid: list[bool], priority: list[float], step: list[int]) -> int:
@@ -105,7 +105,7 @@ def write(
     step = state.step.clone()
     usage = state.usage.clone()
     count = state.count.clone()
-    g = strength.float()
+    g = strength.to(state.strength.dtype)
     for bi in range(b):
         if bool(mask[bi].any()):
             usage[bi] = usage[bi] * usage_decay
@@ -120,10 +120,8 @@ def write(
                     prio = out_strength[bi, hi] if eviction == "strength" else usage[bi, hi]
                     slot = _victim(valid[bi, hi].tolist(), prio.tolist(), step[bi, hi].tolist())
                 gain = g[bi, hi, j]
-                # float64 stores scale by the unrounded g; the float32 copy is metadata.
-                scale = (strength[bi, hi, j] if keys.dtype == torch.float64 else gain).to(keys.dtype)
-                out_keys[bi, hi, slot] = keys[bi, hi, j] * scale
-                out_values[bi, hi, slot] = values[bi, hi, j] * scale
+                out_keys[bi, hi, slot] = keys[bi, hi, j] * gain.to(keys.dtype)
+                out_values[bi, hi, slot] = values[bi, hi, j] * gain.to(values.dtype)
                 out_strength[bi, hi, slot] = gain
                 valid[bi, hi, slot] = True
                 step[bi, hi, slot] = s

@@ -15,7 +15,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["MemoryState"]
+__all__ = ["MemoryState", "metadata_dtype"]
+
+
+def metadata_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of ``strength``/``usage`` for a store of ``dtype``: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _require(cond: bool, message: str, exc: type[Exception] = ValueError) -> None:
@@ -31,13 +36,14 @@ class MemoryState:
         keys:     (b h m dk)  stored keys ``g * k_new`` (the seed's write)
         values:   (b h m dv)  stored values ``g * v_new``
         valid:    (b h m)     bool, the slot holds a write
-        strength: (b h m)     the write gate ``g`` the slot was written with (float32)
+        strength: (b h m)     the write gate ``g`` the slot was written with
         step:     (b h m)     int64, the row's write counter when the slot was written (its age)
-        usage:    (b h m)     float32, decayed sum of the read weights the slot received
+        usage:    (b h m)     decayed sum of the read weights the slot received
         count:    (b,)        int64, tokens written so far per sample (the ring-buffer pointer)
 
-    Metadata are float32/int64 whatever the storage dtype of keys and values, so that
-    eviction decisions do not depend on bf16 rounding.
+    ``strength`` and ``usage`` are float32 for bf16/fp16/fp32 stores (eviction never depends on
+    bf16 rounding) and float64 for float64 stores (so float64 is exact end to end):
+    :func:`metadata_dtype` of the storage dtype.
     """
 
     keys: Tensor
@@ -89,9 +95,9 @@ class MemoryState:
             keys=torch.zeros(b, h, m, key_dim, device=device, dtype=dtype),
             values=torch.zeros(b, h, m, value_dim, device=device, dtype=dtype),
             valid=torch.zeros(b, h, m, device=device, dtype=torch.bool),
-            strength=torch.zeros(b, h, m, device=device, dtype=torch.float32),
+            strength=torch.zeros(b, h, m, device=device, dtype=metadata_dtype(dtype)),
             step=torch.zeros(b, h, m, device=device, dtype=torch.long),
-            usage=torch.zeros(b, h, m, device=device, dtype=torch.float32),
+            usage=torch.zeros(b, h, m, device=device, dtype=metadata_dtype(dtype)),
             count=torch.zeros(b, device=device, dtype=torch.long),
         )
 
@@ -145,12 +151,8 @@ class MemoryState:
             f"keys and values must share a floating dtype, got {self.keys.dtype} and {self.values.dtype}",
             TypeError,
         )
-        expected = {
-            "valid": torch.bool,
-            "strength": torch.float32,
-            "step": torch.long,
-            "usage": torch.float32,
-        }
+        meta = metadata_dtype(self.keys.dtype)
+        expected = {"valid": torch.bool, "strength": meta, "step": torch.long, "usage": meta}
         for name, dt in expected.items():
             t = getattr(self, name)
             _require(
@@ -222,7 +224,7 @@ class MemoryState:
         return self._map(Tensor.clone)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryState":
-        """Move to ``device``; ``dtype`` converts keys and values only (metadata keep theirs)."""
+        """Move to ``device``; ``dtype`` converts keys and values, and metadata to ``metadata_dtype(dtype)``."""
         if dtype is not None:
             _require(
                 isinstance(dtype, torch.dtype) and dtype.is_floating_point,
@@ -230,8 +232,12 @@ class MemoryState:
                 TypeError,
             )
 
+        meta = None if dtype is None else metadata_dtype(dtype)
+
         def move(t: Tensor) -> Tensor:
-            if t.is_floating_point() and t is not self.strength and t is not self.usage:
+            if t is self.strength or t is self.usage:
+                return t.to(device=device, dtype=meta)
+            if t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 

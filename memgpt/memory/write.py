@@ -99,7 +99,7 @@ def write(
     rank = mask.long().cumsum(dim=1) - 1  # (b n) position among this row's written tokens
     n_written = mask.long().sum(dim=1)  # (b,)
     step_new = state.count[:, None] + rank  # (b n)
-    g = strength.float()
+    g = strength.to(state.strength.dtype)  # float32, or float64 for a float64 store
     wrote = (n_written > 0)[:, None, None]
     usage_old = torch.where(wrote, state.usage * usage_decay, state.usage)
 
@@ -118,9 +118,7 @@ def write(
     hit = writer >= 0  # (b h m)
     src = writer.clamp_min(0)
 
-    # The stored pair is scaled by g in the storage dtype; a float64 store takes g unrounded
-    # (the float32 copy in ``strength`` is metadata for eviction and gated scores).
-    g_store = (strength if keys.dtype == torch.float64 else g).to(keys.dtype)[..., None]
+    g_store = g.to(keys.dtype)[..., None]
     gk = keys * g_store
     gv = values * g_store
     new_keys = torch.where(hit[..., None], gk.gather(2, src[..., None].expand(b, h, m, dk)), state.keys)

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memgpt.memory import MemoryState, read, read_usage
+from memgpt.memory import MemoryState, read, read_usage, write
 from memgpt.memory import reference as ref
+from memgpt.memory.state import metadata_dtype
 from memgpt.testing import assert_close_dtype, assert_close_to_ref
 
 read_module = importlib.import_module("memgpt.memory.read")  # `memgpt.memory.read` the attribute is the function
@@ -23,13 +24,14 @@ def random_state(b, h, m, dk, dv, *, dtype=torch.float64, device="cpu", generato
     """A state with random slots, a random valid pattern (garbage in invalid slots) and unique steps."""
     gen = dict(generator=generator)
     valid = torch.rand(b, h, m, **gen) < p_valid
+    meta = metadata_dtype(dtype)
     state = MemoryState(
         keys=torch.randn(b, h, m, dk, dtype=dtype, **gen),
         values=torch.randn(b, h, m, dv, dtype=dtype, **gen),
         valid=valid,
-        strength=torch.sigmoid(2 * torch.randn(b, h, m, **gen)),
+        strength=torch.sigmoid(2 * torch.randn(b, h, m, **gen)).to(meta),
         step=torch.rand(b, h, m, **gen).argsort(dim=-1),
-        usage=torch.rand(b, h, m, **gen),
+        usage=torch.rand(b, h, m, **gen).to(meta),
         count=torch.full((b,), m if count is None else count, dtype=torch.long),
     )
     return state.to(device)
@@ -118,7 +120,7 @@ def test_read_usage_matches_reference(device, dtype, top_k):
     mask = torch.rand(3, 5, device=device) < 0.6
     for kw in (dict(), dict(mask=mask), dict(mask=mask, gated_scores=False, scale=0.7)):
         fast, slow = read_usage(q, state, top_k=top_k, **kw), ref.read_usage(q, state, top_k=top_k, **kw)
-        assert fast.dtype == torch.float32 and fast.shape == (3, 2, 6)
+        assert fast.dtype == state.usage.dtype == metadata_dtype(dtype) and fast.shape == (3, 2, 6)
         assert_close_dtype(fast, slow)
         assert not fast[0].any()  # the empty row gets no usage
     assert not read_usage(q.requires_grad_(), state).requires_grad  # a statistic, never a gradient path
@@ -127,7 +129,7 @@ def test_read_usage_matches_reference(device, dtype, top_k):
 def test_read_usage_sums_read_weights():
     state = random_state(2, 3, 7, 4, 2)
     q = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    expected = ref.read_weights(q, state, top_k=3).sum(dim=2).float()
+    expected = ref.read_weights(q, state, top_k=3).sum(dim=2)  # float64, like a float64 store's usage
     assert_close_dtype(read_usage(q, state, top_k=3), expected)
     # additive: one call == token by token
     by_token = sum(read_usage(q[:, :, i : i + 1], state, top_k=3) for i in range(5))
@@ -157,17 +159,21 @@ def test_read_usage_sums_read_weights():
     ],
 )
 def test_read_gradcheck(fn, top_k, gated_scores):
-    """float64 gradcheck w.r.t. q, keys and values (strength is float32 metadata, see test_write)."""
+    """float64 gradcheck w.r.t. q, keys, values and the gates (float64 metadata in a float64 store)."""
     state = random_state(2, 1, 4, 2, 2)
     state = state.replace(valid=torch.tensor([True, False, True, True]).expand(2, 1, 4))  # top_k=2 drops one
     q = torch.randn(2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
     keys = state.keys.clone().requires_grad_()
     values = state.values.clone().requires_grad_()
+    strength = state.strength.clone().requires_grad_()
+    assert strength.dtype == torch.float64
 
-    def f(q, keys, values):
-        return fn(q, state.replace(keys=keys, values=values), top_k=top_k, gated_scores=gated_scores)
+    def f(q, keys, values, strength):
+        return fn(
+            q, state.replace(keys=keys, values=values, strength=strength), top_k=top_k, gated_scores=gated_scores
+        )
 
-    assert torch.autograd.gradcheck(f, (q, keys, values))
+    assert torch.autograd.gradcheck(f, (q, keys, values, strength))
 
 
 # ---------------------------------------------------------------------------------- properties
@@ -348,3 +354,15 @@ def test_compiled_read_matches_eager(top_k):
     q = torch.randn(2, 2, 3, 4)
     compiled = torch.compile(lambda q, s: read(q, s, top_k=top_k), fullgraph=True)
     assert_close_dtype(compiled(q, state), read(q, state, top_k=top_k))
+
+
+def test_read_usage_top_k_credits_exactly_the_slots_read_uses_on_ties():
+    """Three identical writes tie exactly; top_k=1 credits one slot per query, as read() uses one."""
+    state = MemoryState.empty(1, 1, 4, 2, 2, dtype=torch.float64)
+    k, v = torch.randn(1, 1, 1, 2, dtype=torch.float64), torch.randn(1, 1, 1, 2, dtype=torch.float64)
+    g = torch.full((1, 1, 3), 0.5, dtype=torch.float64)
+    state = write(state, k.expand(1, 1, 3, 2), v.expand(1, 1, 3, 2), g)
+    q = torch.randn(1, 1, 5, 2, dtype=torch.float64)
+    usage = read_usage(q, state, top_k=1)
+    assert int((usage > 0).sum()) == 1 and float(usage.sum()) == pytest.approx(5.0)
+    assert_close_dtype(read(q, state, top_k=1), v.expand(1, 1, 5, 2) * 0.5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memgpt.memory import MemoryState, write
+from memgpt.memory.state import metadata_dtype
 from memgpt.testing import canonical_memory
 
 B, H, M, DK, DV = 3, 2, 4, 5, 6
@@ -32,7 +33,8 @@ def test_empty_shapes_dtypes_and_values(device):
     assert (s.batch_size, s.heads, s.capacity, s.key_dim, s.value_dim) == (B, H, M, DK, DV)
     assert s.keys.shape == (B, H, M, DK) and s.values.shape == (B, H, M, DV)
     assert s.dtype == torch.float64 and s.device.type == device.type
-    for name, dt in dict(valid=torch.bool, strength=torch.float32, step=torch.long, usage=torch.float32).items():
+    # slot metadata follow a float64 store (float32 for bf16/fp16/fp32 stores: see test_to_dtype...)
+    for name, dt in dict(valid=torch.bool, strength=torch.float64, step=torch.long, usage=torch.float64).items():
         t = getattr(s, name)
         assert t.shape == (B, H, M) and t.dtype == dt and not t.any()
     assert s.count.shape == (B,) and s.count.dtype == torch.long and not s.count.any()
@@ -183,15 +185,19 @@ def test_detach_cuts_the_graph(device):
     assert fields_equal(d, s)
 
 
-def test_to_dtype_converts_keys_and_values_only(device):
+def test_to_dtype_converts_storage_and_metadata_to_metadata_dtype(device):
     s = filled(device, dtype=torch.float64)
     t = s.to(dtype=torch.bfloat16)
     assert t.keys.dtype == t.values.dtype == torch.bfloat16
-    assert t.strength.dtype == t.usage.dtype == torch.float32
+    assert t.strength.dtype == t.usage.dtype == metadata_dtype(torch.bfloat16) == torch.float32
     assert t.valid.dtype == torch.bool and t.step.dtype == t.count.dtype == torch.long
     torch.testing.assert_close(t.keys, s.keys.bfloat16(), rtol=0, atol=0)
-    for name in ("valid", "strength", "step", "usage", "count"):
+    for name in ("valid", "step", "count"):
         assert torch.equal(getattr(t, name), getattr(s, name)), name
+    for name in ("strength", "usage"):  # float64 -> float32 metadata: rounded, never bf16
+        assert torch.equal(getattr(t, name), getattr(s, name).float()), name
+    back = t.to(dtype=torch.float64)
+    assert back.strength.dtype == back.usage.dtype == torch.float64
     with pytest.raises(TypeError, match=r"dtype must be floating point, got torch.int32"):
         s.to(dtype=torch.int32)
     with pytest.raises(TypeError, match=r"dtype must be floating point, got 'bfloat16'"):

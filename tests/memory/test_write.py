@@ -142,10 +142,8 @@ def test_write_matches_reference_on_random_sequences(device, b, h, m, lengths, e
 def test_write_gradcheck(eviction):
     """float64 gradcheck w.r.t. the old keys/values and the new keys, values and gates (overflowing).
 
-    A float64 store scales by the unrounded gate, so the stored pairs are float64-differentiable
-    in it; the ``strength`` field itself is float32 metadata by design (eviction must not depend
-    on rounding), so its gradient path is held against the reference in
-    test_write_matches_reference instead.
+    A float64 store keeps float64 metadata, so the stored pairs and the recorded gates are
+    float64-differentiable in the gate.
     """
     gen = torch.Generator().manual_seed(0)
     old = fill(MemoryState.empty(2, 1, 3, 2, 2, dtype=torch.float64), 3, eviction=eviction, generator=gen)
@@ -155,7 +153,7 @@ def test_write_gradcheck(eviction):
     def f(old_keys, old_values, keys, values, strength):
         new = write(old.replace(keys=old_keys, values=old_values), keys, values, strength, mask=mask, eviction=eviction)
         canon = canonical_memory(new)
-        return canon["keys"], canon["values"]
+        return canon["keys"], canon["values"], canon["strength"]
 
     assert torch.autograd.gradcheck(f, leaves)
 
@@ -277,7 +275,7 @@ def test_usage_evicts_the_least_used(device, b, h, m, n, scale, decay, seed):
     """A full store with random usage; new slots start at usage 1 (scale 3: some old ones beat them)."""
     gen = torch.Generator().manual_seed(seed)
     full = fill(MemoryState.empty(b, h, m, 2, 3, dtype=torch.float64, device=device), m, generator=gen, p_mask=1.0)
-    usage = (scale * torch.rand(b, h, m, generator=gen)).to(device)
+    usage = (scale * torch.rand(b, h, m, generator=gen, dtype=torch.float64)).to(device)
     state = full.replace(usage=usage)
     k, v, g, mask = tokens(b, h, n, 2, 3, device=device, generator=gen)
     new = write(state, k, v, g, mask=mask, eviction="usage", usage_decay=decay)
@@ -415,7 +413,7 @@ def test_priority_policies_ignore_slot_positions(device, b, h, m, n, eviction, s
     state = fill(
         MemoryState.empty(b, h, m, 2, 3, dtype=torch.float64, device=device), 5, eviction=eviction, generator=gen
     )
-    state = state.replace(usage=torch.rand(b, h, m, generator=gen).to(device) * state.valid)  # empty slots hold zeros
+    state = state.replace(usage=torch.rand(b, h, m, generator=gen).to(device, state.usage.dtype) * state.valid)  # empty slots hold zeros
     permuted = permute_slots(state, torch.rand(b, h, m, generator=gen).argsort(dim=-1).to(device))
     k, v, g, mask = tokens(b, h, n, 2, 3, device=device, generator=gen)
     for fn in (write, ref.write):
