@@ -23,7 +23,8 @@ class MemGPTConfig:
 
     ``segment_len`` tokens form a segment: self-attention sees the current segment only;
     memory carries everything older. Each block has one memory layer with ``memory_heads``
-    heads of ``memory_capacity`` slots per sample.
+    heads of ``memory_capacity`` slots per sample. ``token_shift`` adds a learned embedding of
+    the previous token to each input embedding (see the README's design decisions).
     """
 
     vocab_size: int
@@ -44,6 +45,7 @@ class MemGPTConfig:
     usage_decay: float = USAGE_DECAY
     fusion_bias_init: float = 0.0
     tie_embeddings: bool = True
+    token_shift: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "segment_len", "memory_capacity", "memory_heads"):

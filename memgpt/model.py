@@ -47,6 +47,8 @@ class MemGPTModel(nn.Module):
             raise TypeError(f"config must be a MemGPTConfig, got {type(config).__name__}")
         self.config = c = config
         self.token_emb = nn.Embedding(c.vocab_size, c.dim)
+        # Embedding of the previous token (index 0 = none, 1 + id otherwise), added to the input.
+        self.shift_emb = nn.Embedding(c.vocab_size + 1, c.dim) if c.token_shift else None
         self.pos_emb = nn.Embedding(c.segment_len, c.dim)  # position within the segment
         self.emb_dropout = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
@@ -99,7 +101,8 @@ class MemGPTModel(nn.Module):
         dtype = dtype if dtype is not None else self._param.dtype
         T = self.config.segment_len
         layers = tuple(blk.empty_state(batch_size, T, device=device, dtype=dtype) for blk in self.blocks)
-        return MemGPTState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return MemGPTState(layers, zeros, zeros.clone())
 
     def check_state(self, state: MemGPTState, batch_size: int) -> None:
         """Raise ValueError/TypeError if ``state`` was not made for this model and batch."""
@@ -126,13 +129,14 @@ class MemGPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _layout(
-        self, input_ids: Tensor, present: Tensor, offset: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        self, input_ids: Tensor, present: Tensor, offset: Tensor, previous: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         """Lay each row's real tokens on its segment grid.
 
-        Returns grid_ids (b W), grid_present (b W), order (b n) the input position of the k-th
-        real token of each row (padding after), vpos (b n) its grid position (W for none), and
-        W = rounds * T.
+        Returns grid_ids (b W), grid_prev (b W) 1 + the id of each position's previous real token
+        (0 = none), grid_present (b W), order (b n) the input position of the k-th real token of
+        each row (padding after), vpos (b n) its grid position (W for none), the new ``previous``
+        (b,), and W = rounds * T.
         """
         b, n = input_ids.shape
         T = self.config.segment_len
@@ -147,7 +151,11 @@ class MemGPTModel(nn.Module):
         grid_present = torch.zeros(b, W + 1, dtype=torch.bool, device=input_ids.device).scatter(
             1, vpos, k < count[:, None]
         )
-        return grid_ids[:, :W], grid_present[:, :W], order, vpos, W
+        packed_prev = torch.cat([previous[:, None], packed[:, :-1] + 1], dim=1)  # (b n)
+        grid_prev = torch.zeros_like(grid_ids).scatter(1, vpos, packed_prev)
+        last = packed.gather(1, (count - 1).clamp_min(0)[:, None])[:, 0] + 1
+        new_previous = torch.where(count > 0, last, previous)
+        return grid_ids[:, :W], grid_prev[:, :W], grid_present[:, :W], order, vpos, new_previous, W
 
     def forward(
         self, input_ids: Tensor, state: MemGPTState | None = None, attention_mask: Tensor | None = None
@@ -189,7 +197,9 @@ class MemGPTModel(nn.Module):
             return MemGPTOutput(torch.zeros(b, n, V, device=device, dtype=logits_dtype), state)
 
         offset = state.position % T
-        grid_ids, grid_present, order, vpos, W = self._layout(input_ids, present, offset)
+        grid_ids, grid_prev, grid_present, order, vpos, previous, W = self._layout(
+            input_ids, present, offset, state.previous
+        )
         filled = torch.arange(T, device=device)[None, :] < offset[:, None]  # (b T)
         layer_states = list(state.layers)
         pieces = []
@@ -207,8 +217,11 @@ class MemGPTModel(nn.Module):
                 cached=bool(filled.any()),
                 flushing=bool(flush.any()),
             )
-            x = self.token_emb(grid_ids[:, r * T + lo : r * T + hi])
-            x = self.emb_dropout(x + self.pos_emb(torch.arange(lo, hi, device=device)))
+            cols = slice(r * T + lo, r * T + hi)
+            x = self.token_emb(grid_ids[:, cols]) + self.pos_emb(torch.arange(lo, hi, device=device))
+            if self.shift_emb is not None:
+                x = x + self.shift_emb(grid_prev[:, cols])
+            x = self.emb_dropout(x)
             for i, block in enumerate(self.blocks):
                 x, layer_states[i] = block(x, layer_states[i], view=view)
             logits = self.lm_head(self.norm(x))  # (b w V)
@@ -218,7 +231,7 @@ class MemGPTModel(nn.Module):
         grid_logits = torch.cat(pieces + [logits.new_zeros(b, 1, V)], dim=1)  # (b W+1 V); column W is "none"
         packed = grid_logits.gather(1, vpos[..., None].expand(b, n, V))
         logits = torch.zeros_like(packed).scatter(1, order[..., None].expand(b, n, V), packed)
-        new_state = MemGPTState(tuple(layer_states), state.position + present.sum(dim=1))
+        new_state = MemGPTState(tuple(layer_states), state.position + present.sum(dim=1), previous)
         return MemGPTOutput(logits, new_state)
 
     # ------------------------------------------------------------------ generation

@@ -24,7 +24,8 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True, eq=False)
 class MemGPTState:
-    """Per-layer block states plus ``position`` (b,) int64: real tokens fed so far per sample.
+    """Per-layer block states, ``position`` (b,) int64: real tokens fed so far per sample, and
+    ``previous`` (b,) int64: 1 + the id of the last real token fed (0 = none yet), for token shift.
 
     The in-segment offset of each row is ``position % segment_len``; a row's unfinished segment
     (its attention keys/values and pending writes) lives in the layers' segment buffers.
@@ -32,6 +33,7 @@ class MemGPTState:
 
     layers: tuple[BlockState, ...]
     position: Tensor
+    previous: Tensor
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not all(isinstance(s, BlockState) for s in self.layers):
@@ -44,6 +46,13 @@ class MemGPTState:
             )
             raise ValueError(f"MemGPTState.position must be an int64 tensor (b,), got {got}")
         b = self.position.shape[0]
+        if not isinstance(self.previous, Tensor) or tuple(self.previous.shape) != (b,) or self.previous.dtype != torch.long:
+            got = (
+                f"{self.previous.dtype} {tuple(self.previous.shape)}"
+                if isinstance(self.previous, Tensor)
+                else type(self.previous).__name__
+            )
+            raise ValueError(f"MemGPTState.previous must be an int64 tensor (b,) = ({b},), got {got}")
         for i, layer in enumerate(self.layers):
             if layer.memory.batch_size != b:
                 raise ValueError(f"layer {i}: memory batch size {layer.memory.batch_size} != position batch size {b}")
@@ -59,7 +68,7 @@ class MemGPTState:
         return self.position.shape[0]
 
     def _map(self, fn) -> "MemGPTState":
-        return MemGPTState(tuple(layer.map(fn) for layer in self.layers), fn(self.position))
+        return MemGPTState(tuple(layer.map(fn) for layer in self.layers), fn(self.position), fn(self.previous))
 
     def detach(self) -> "MemGPTState":
         """Cut the autograd graph here (truncated BPTT across calls)."""
@@ -105,7 +114,7 @@ class MemGPTState:
 
     # ------------------------------------------------------------------ save / load
     def _flat(self) -> dict[str, Tensor]:
-        out = {"position": self.position}
+        out = {"position": self.position, "previous": self.previous}
         for i, layer in enumerate(self.layers):
             for name, t in layer.memory.to_dict().items():
                 out[f"layers.{i}.memory.{name}"] = t
@@ -142,7 +151,7 @@ class MemGPTState:
                 )
                 buffer = SegmentBuffer(**{f.name: tensors.pop(f"layers.{i}.buffer.{f.name}") for f in fields(SegmentBuffer)})
                 layers.append(BlockState(memory, buffer))
-            state = cls(tuple(layers), tensors.pop("position"))
+            state = cls(tuple(layers), tensors.pop("position"), tensors.pop("previous"))
         except KeyError as e:
             raise ValueError(f"{os.fspath(path)!r}: state file is missing tensor {e.args[0]!r}") from e
         except (TypeError, ValueError) as e:

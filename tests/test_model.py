@@ -199,6 +199,27 @@ def test_padding_makes_positions_diverge(model):
 
 
 @torch.no_grad()
+def test_token_shift_sees_the_previous_real_token_across_padding_and_calls(model):
+    """``previous`` is 1 + the last real token per row (0 before any), and it feeds the next call."""
+    assert model.shift_emb is not None  # token_shift is on by default
+    x = ids(3, 6, seed=8)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    out = model(x, attention_mask=mask)
+    assert out.state.previous.tolist() == [int(x[0, 5]) + 1, int(x[1, 2]) + 1, 0]
+    # the previous token matters: the same next token after a different history differs
+    nxt = ids(3, 1, seed=9)
+    other = model(x.flip(1), attention_mask=mask.flip(1))
+    assert not torch.allclose(model(nxt, out.state).logits[0], model(nxt, other.state).logits[0])
+    assert out.state.reset_rows(torch.tensor([True, False, False])).previous.tolist()[0] == 0
+
+
+def test_without_token_shift_there_is_no_shift_embedding():
+    plain = build(config(token_shift=False))
+    assert plain.shift_emb is None
+    x = ids(2, 11, seed=10)
+    assert_close_dtype(run_chunks(plain, x, [0, 3, 7, 11])[0], plain(x).logits)
+
+
 def test_all_padding_and_empty_calls_change_nothing(model):
     x = ids(2, 7)
     state = model(x).state

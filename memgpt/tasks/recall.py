@@ -1,0 +1,75 @@
+"""Segmented multi-query associative recall (the Zoology MQAR recipe, spread over segments).
+
+Recipe for one sample (``T`` = segment_len, ``d`` = distance, ``P`` = num_pairs):
+
+- vocabulary: filler ids ``[0, F)``, key ids ``[F, F+K)``, value ids ``[F+K, F+K+V)``;
+- the sequence has ``d + 1`` segments of ``T`` tokens, all filler (uniform over the filler ids)
+  except:
+- segment 0 starts with the pairs ``k_1 v_1 k_2 v_2 ... k_P v_P``: P distinct keys drawn
+  uniformly without replacement, each value uniform (values may repeat);
+- segment ``d`` starts with the queries: the P keys in a random order, one per position; the
+  target at each query position is that key's value. Nothing else carries a target.
+
+The query segment holds no value token, so a model that sees only the current segment (or a
+memory cleared before it) can do no better than chance, ``1 / num_values``. Self-attention of
+a MemGPT model spans one segment, so the answer must travel ``d`` segments through memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import IGNORE_INDEX, TaskBatch, positive
+
+__all__ = ["RecallTask"]
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    num_pairs: int = 4
+    num_keys: int = 16
+    num_values: int = 16
+    num_filler: int = 16
+    segment_len: int = 16
+    distance: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_pairs", "num_keys", "num_values", "num_filler", "segment_len", "distance"):
+            positive("RecallTask", name, getattr(self, name))
+        if self.num_pairs > self.num_keys:
+            raise ValueError(f"RecallTask.num_pairs ({self.num_pairs}) must be <= num_keys ({self.num_keys})")
+        if 2 * self.num_pairs > self.segment_len:
+            raise ValueError(
+                f"RecallTask: the {self.num_pairs} pairs need 2 * num_pairs = {2 * self.num_pairs} positions, "
+                f"more than segment_len = {self.segment_len}"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_filler + self.num_keys + self.num_values
+
+    @property
+    def seq_len(self) -> int:
+        return (self.distance + 1) * self.segment_len
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.num_values
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """A batch of ``batch_size`` samples, deterministic given the generator's state."""
+        positive("RecallTask.sample", "batch_size", batch_size)
+        b, P, T, F, K = batch_size, self.num_pairs, self.segment_len, self.num_filler, self.num_keys
+        ids = torch.randint(0, F, (b, self.seq_len), generator=generator)
+        targets = torch.full((b, self.seq_len), IGNORE_INDEX, dtype=torch.long)
+        keys = torch.rand(b, K, generator=generator).argsort(dim=1)[:, :P] + F  # distinct per row
+        values = torch.randint(0, self.num_values, (b, P), generator=generator) + F + K
+        ids[:, 0 : 2 * P : 2] = keys
+        ids[:, 1 : 2 * P : 2] = values
+        order = torch.rand(b, P, generator=generator).argsort(dim=1)
+        q0 = self.distance * T
+        ids[:, q0 : q0 + P] = keys.gather(1, order)
+        targets[:, q0 : q0 + P] = values.gather(1, order)
+        return TaskBatch(ids, targets, T, self.distance)

@@ -1,0 +1,68 @@
+"""The segmented recall generator follows its documented recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memgpt.tasks import IGNORE_INDEX, RecallTask
+
+
+def sample(task: RecallTask, b: int = 64, seed: int = 0):
+    return task.sample(b, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("task", [RecallTask(), RecallTask(num_pairs=3, segment_len=7, distance=4, num_keys=5)])
+def test_layout(task):
+    batch = sample(task)
+    ids, tgt = batch.input_ids, batch.targets
+    F, K, P, T = task.num_filler, task.num_keys, task.num_pairs, task.segment_len
+    assert ids.shape == tgt.shape == (64, task.seq_len) and ids.dtype == tgt.dtype == torch.long
+    assert batch.segment_len == T and batch.query_segment == task.distance
+    keys, values = ids[:, 0 : 2 * P : 2], ids[:, 1 : 2 * P : 2]
+    assert ((keys >= F) & (keys < F + K)).all() and ((values >= F + K) & (values < task.vocab_size)).all()
+    assert all(len(set(row.tolist())) == P for row in keys)  # distinct keys per row
+    q0 = task.distance * T
+    queries = ids[:, q0 : q0 + P]
+    assert torch.equal(queries.sort(dim=1).values, keys.sort(dim=1).values)  # the same keys, reordered
+    # each query's target is its key's value
+    for row in range(64):
+        pairs = dict(zip(keys[row].tolist(), values[row].tolist()))
+        assert [pairs[k] for k in queries[row].tolist()] == tgt[row, q0 : q0 + P].tolist()
+    # everything else is filler and carries no target
+    filler = torch.ones_like(ids, dtype=torch.bool)
+    filler[:, : 2 * P] = False
+    filler[:, q0 : q0 + P] = False
+    assert (ids[filler] < F).all()
+    assert (tgt[filler] == IGNORE_INDEX).all() and (tgt[:, : 2 * P] == IGNORE_INDEX).all()
+    assert int(batch.answer_mask.sum()) == 64 * P
+
+
+def test_no_answer_leaks_into_the_query_segment():
+    """The baseline sees only the query segment: it holds no value token, so chance is its ceiling."""
+    task = RecallTask(distance=3)
+    batch = sample(task, b=256)
+    seg = batch.input_ids[:, task.distance * task.segment_len :]
+    assert (seg < task.num_filler + task.num_keys).all()
+    assert task.chance == 1 / task.num_values
+
+
+def test_deterministic_by_seed():
+    task = RecallTask()
+    a, b, c = sample(task, seed=3), sample(task, seed=3), sample(task, seed=4)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(num_pairs=0), ValueError, r"num_pairs must be >= 1, got 0"),
+        (dict(num_pairs=9, segment_len=16, num_keys=16), ValueError, r"need 2 \* num_pairs = 18 positions"),
+        (dict(num_pairs=5, num_keys=4), ValueError, r"num_pairs \(5\) must be <= num_keys \(4\)"),
+        (dict(distance=1.5), TypeError, r"distance must be an int, got float"),
+    ],
+)
+def test_bad_config(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        RecallTask(**kwargs)
