@@ -43,7 +43,7 @@ class MemGPTConfig:
     eviction: str = "fifo"
     gated_scores: bool = True
     usage_decay: float = USAGE_DECAY
-    fusion_bias_init: float = 0.0
+    fusion_bias_init: float = -3.0
     tie_embeddings: bool = True
     token_shift: bool = True
 

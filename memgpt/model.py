@@ -80,10 +80,18 @@ class MemGPTModel(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        """Embeddings N(0, 0.02); linear maps N(0, 1/fan_in) with zero bias.
+
+        The fan-in scaling matters for small models: with GPT-2's fixed std 0.02 at dim 64 the
+        memory read starts ~6x weaker and segmented recall needed several times more steps to
+        leave its plateau (README, design decisions).
+        """
+        if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=module.in_features**-0.5)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def extra_repr(self) -> str:
         return f"segment_len={self.config.segment_len}, memory_capacity={self.config.memory_capacity}"

@@ -1,0 +1,125 @@
+"""Command line: ``python -m memgpt demo | train | eval`` (also installed as ``memgpt``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .train import MODEL_KINDS, TrainConfig, Trainer, evaluate, load_checkpoint, make_task, resolve_device
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    demo = DemoConfig()
+    demo.train.device = args.device
+    demo.train.seed = args.seed
+    if args.steps is not None:
+        demo.train.steps = args.steps
+    if args.quick:  # seconds, for CI: the pipeline runs end to end, the numbers mean nothing
+        demo.train.steps = min(demo.train.steps, 10)
+        demo.eval_batches, demo.eval_batch_size = 1, 16
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(demo, args.out, progress=not args.quiet)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.out) / f"{args.task}-{args.model}.pt"
+    if args.resume:
+        trainer = Trainer.load(args.resume, device=args.device)
+        if args.steps is not None:
+            trainer.cfg.steps = args.steps
+    else:
+        from .demo import DemoConfig, build_model
+
+        demo = DemoConfig(dim=args.dim, depth=args.depth, segment_len=args.segment_len)
+        cfg = TrainConfig(
+            steps=args.steps or 800, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+            autocast_bf16=args.bf16, distances=tuple(args.distances), checkpoint_every=args.checkpoint_every,
+        )
+        demo.train = cfg
+        task_kwargs = {"segment_len": args.segment_len}
+        vocab = make_task(args.task, **task_kwargs).vocab_size
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, demo, vocab).to(resolve_device(args.device))
+        trainer = Trainer(model, args.model, args.task, task_kwargs, cfg)
+    trainer.fit(checkpoint=ckpt)
+    print(f"saved {ckpt} (step {trainer.step})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    payload = load_checkpoint(args.checkpoint)
+    trainer = Trainer.load(args.checkpoint, device=args.device)
+    results = {}
+    for d in args.distances:
+        task = make_task(payload["task"], **{**payload["task_kwargs"], "distance": d})
+        row = {trainer.kind: evaluate(trainer.model, trainer.kind, task, batches=4, batch_size=128, seed=args.seed)}
+        if trainer.kind == "memory":
+            row["ablation"] = evaluate(
+                trainer.model, "memory", task, batches=4, batch_size=128, seed=args.seed, ablate=True
+            )
+        results[d] = row
+    print(json.dumps({"checkpoint": str(args.checkpoint), "step": trainer.step, "accuracy_by_distance": results}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memgpt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for this run (0: leave as is)")
+
+    d = sub.add_parser("demo", help="memory vs baseline vs oracle on segmented recall (about 10 minutes on 2 CPU cores)")
+    common(d)
+    d.add_argument("--out", default="out/demo", help="folder for results.json and recall.png")
+    d.add_argument("--steps", type=int, default=None, help="training steps per model (default 800)")
+    d.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, not the result")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train one model on one task; writes OUT/TASK-MODEL.pt")
+    common(t)
+    t.add_argument("--task", choices=("recall", "passkey"), default="recall")
+    t.add_argument("--model", choices=MODEL_KINDS, default="memory")
+    t.add_argument("--out", default="out/train")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--dim", type=int, default=64)
+    t.add_argument("--depth", type=int, default=2)
+    t.add_argument("--segment-len", type=int, default=16)
+    t.add_argument("--distances", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    t.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (slow on CPUs without bf16 units)")
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--resume", default=None, help="a checkpoint to continue from (same data stream)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint by distance (and its ablation)")
+    common(e)
+    e.add_argument("checkpoint")
+    e.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8])
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
