@@ -101,6 +101,15 @@ class MemGPTState:
 
         return self._map(reset)
 
+    def clear_memory(self, mask: Tensor | None = None) -> "MemGPTState":
+        """Empty the memory stores of the rows in ``mask`` (b,) (default: all rows), keeping the
+        unfinished segment, the positions and the previous token: long-term memory is forgotten,
+        the current context is not."""
+        if mask is None:
+            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.position.device)
+        layers = tuple(BlockState(layer.memory.reset_rows(mask), layer.buffer) for layer in self.layers)
+        return MemGPTState(layers, self.position, self.previous)
+
     def index_select(self, index: Tensor) -> "MemGPTState":
         """Rows reordered/duplicated by ``index`` (b',) (beam search)."""
         if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.long, torch.int32):

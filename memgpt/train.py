@@ -28,7 +28,7 @@ from .config import MemGPTConfig
 from .model import MemGPTModel
 from .tasks import IGNORE_INDEX, PasskeyTask, RecallTask, TaskBatch
 
-__all__ = ["TrainConfig", "ModelKind", "Trainer", "run_model", "evaluate", "resolve_device", "make_task"]
+__all__ = ["TrainConfig", "ModelKind", "Trainer", "run_model", "evaluate", "resolve_device", "make_task", "lr_at"]
 
 ModelKind = Literal["memory", "baseline", "oracle"]
 MODEL_KINDS = ("memory", "baseline", "oracle")
@@ -80,16 +80,6 @@ def _loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def clear_memory(state):
-    """The same state with every layer's memory store emptied (the ablation)."""
-    from .block import BlockState
-    from .model_state import MemGPTState
-
-    everyone = torch.ones(state.batch_size, dtype=torch.bool, device=state.position.device)
-    layers = tuple(BlockState(layer.memory.reset_rows(everyone), layer.buffer) for layer in state.layers)
-    return MemGPTState(layers, state.position, state.previous)
-
-
 def run_model(
     model: MemGPTModel, kind: str, batch: TaskBatch, *, ablate: bool = False, bptt_segments: int | None = None,
     backward: bool = False,
@@ -105,7 +95,7 @@ def run_model(
     elif kind == "memory" and ablate:
         q0 = batch.query_segment * T
         state = model(ids[:, :q0]).state
-        rest = model(ids[:, q0:], clear_memory(state)).logits
+        rest = model(ids[:, q0:], state.clear_memory()).logits
         logits = torch.cat([torch.zeros(ids.shape[0], q0, rest.shape[-1], dtype=rest.dtype, device=rest.device), rest], 1)
     elif kind == "memory" and bptt_segments is not None and backward:
         window = bptt_segments * T
@@ -183,10 +173,14 @@ class Trainer:
         correct, total = answer_accuracy(logits, batch.targets)
         return {"step": self.step, "loss": float(loss), "acc": correct / max(total, 1), "tokens": batch.input_ids.numel()}
 
-    def fit(self, *, checkpoint: str | Path | None = None, progress: bool = True) -> list[dict]:
-        """Train up to ``cfg.steps`` (from the current step); returns the per-step records."""
+    def fit(
+        self, *, until: int | None = None, checkpoint: str | Path | None = None, progress: bool = True
+    ) -> list[dict]:
+        """Train from the current step up to ``until`` (default ``cfg.steps``, which also sets the
+        learning-rate schedule); returns the per-step records."""
+        until = self.cfg.steps if until is None else min(until, self.cfg.steps)
         start, tokens = time.perf_counter(), 0
-        while self.step < self.cfg.steps:
+        while self.step < until:
             rec = self.train_step()
             tokens += rec["tokens"]
             rec["tokens_per_s"] = tokens / (time.perf_counter() - start)

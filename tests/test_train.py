@@ -10,7 +10,7 @@ import torch
 from memgpt import MemGPTConfig, MemGPTModel
 from memgpt.cli import main
 from memgpt.tasks import RecallTask
-from memgpt.train import TrainConfig, Trainer, clear_memory, evaluate, lr_at, run_model
+from memgpt.train import TrainConfig, Trainer, evaluate, lr_at, run_model
 
 TASK = dict(num_keys=8, num_values=8, num_filler=8, segment_len=8)
 
@@ -67,7 +67,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_ablation_clears_memory_only():
     model = tiny_model()
     out = model(torch.randint(0, 24, (2, 20)))
-    cleared = clear_memory(out.state)
+    cleared = out.state.clear_memory()
     for before, after in zip(out.state.layers, cleared.layers):
         assert not after.memory.valid.any() and after.memory.count.eq(0).all()
         assert after.buffer is before.buffer
@@ -120,3 +120,11 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert main(["eval", str(ckpt), "--distances", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["step"] == 3 and set(report["accuracy_by_distance"]["1"]) == {"memory", "ablation"}
+
+
+def test_fit_until_pauses_without_changing_the_run():
+    """Stopping at ``until`` and continuing gives exactly the uninterrupted run (same schedule)."""
+    whole = Trainer(tiny_model(), "memory", "recall", TASK, tiny_cfg(steps=8)).fit(progress=False)
+    paused = Trainer(tiny_model(), "memory", "recall", TASK, tiny_cfg(steps=8))
+    assert len(paused.fit(until=3, progress=False)) == 3
+    assert [r["loss"] for r in paused.fit(progress=False)] == [r["loss"] for r in whole]
