@@ -1,0 +1,111 @@
+"""Memory ops against the machine's own limit: full read, top-k read and write, vs plain bmm/copy.
+
+Shapes follow the performance issue: B=8 rows, H=8 heads, n=256 queries/tokens, d=64, fp32,
+capacity m in {1k, 4k, 16k, 64k}. Reported, all as same-run ratios:
+
+- full read:  GFLOP/s (4·B·H·n·m·d FLOPs) and its ratio to the bmm roofline (two plain bmm at
+  the read's shapes into preallocated outputs), plus the naive read (matmul, mask, softmax,
+  matmul) for scale;
+- top-k read (k = 32): its time over the full read's;
+- write of n tokens: its time over a contiguous copy of the written bytes, and the time at m
+  over the time at the smallest m (capacity independence).
+
+    python benchmarks/bench_ops.py            # the full table (minutes)
+    python benchmarks/bench_ops.py --quick    # m = 1k only, short timings (CI: never asserts speed)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from harness import machine_line, measure
+from memgpt.memory import MemoryState, read, reference, write
+
+
+def full_state(B: int, H: int, m: int, d: int, gen: torch.Generator) -> MemoryState:
+    state = MemoryState.empty(B, H, m, d, d)
+    return state.replace(
+        keys=torch.randn(B, H, m, d, generator=gen),
+        values=torch.randn(B, H, m, d, generator=gen),
+        valid=torch.ones(B, H, m, dtype=torch.bool),
+        strength=torch.rand(B, H, m, generator=gen) * 0.9 + 0.1,
+        step=torch.arange(m).expand(B, H, m).contiguous(),
+        count=torch.full((B,), m, dtype=torch.long),
+    )
+
+
+def check_correct(gen: torch.Generator) -> None:
+    """Fast == reference on a small case before anything is timed."""
+    state = full_state(2, 2, 300, 16, gen)
+    q = torch.randn(2, 2, 7, 16, generator=gen)
+    torch.testing.assert_close(read(q, state), reference.read(q, state), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(read(q, state, top_k=8), reference.read(q, state, top_k=8), rtol=1e-4, atol=1e-5)
+    k, v = torch.randn(2, 2, 5, 16, generator=gen), torch.randn(2, 2, 5, 16, generator=gen)
+    g = torch.rand(2, 2, 5, generator=gen)
+    small = full_state(2, 2, 9, 16, gen)
+    fast, slow = write(small, k, v, g), reference.write(small, k, v, g)
+    torch.testing.assert_close(fast.keys, slow.keys)
+    torch.testing.assert_close(fast.values, slow.values)
+
+
+def naive_read(q, state, scale):
+    scores = torch.matmul(q, state.keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~state.valid[:, :, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(-1), state.values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    B, H, n, d, k = 8, 8, 256, 64, 32
+    capacities = [1024] if args.quick else [1024, 4096, 16384, 65536]
+    run_time = 0.2 if args.quick else 1.0
+    gen = torch.Generator().manual_seed(0)
+    check_correct(gen)
+    print(machine_line())
+    print(f"B={B} H={H} n={n} d={d} fp32; top-k k={k}; ratios are same-run")
+    header = (
+        f"{'m':>6} | {'roofline GF/s':>13} | {'read GF/s':>9} {'÷roof':>6} | {'naive ÷roof':>11} | "
+        f"{'top-k ÷ full':>12} | {'write ms':>8} {'÷copy':>7} {'÷write@1k':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    write_base = None
+    for m in capacities:
+        state = full_state(B, H, m, d, gen)
+        q = torch.randn(B, H, n, d, generator=gen)
+        flops = 4 * B * H * n * m * d
+        kt = state.keys.transpose(-1, -2).reshape(B * H, d, m).contiguous()
+        qf, vf = q.reshape(B * H, n, d), state.values.reshape(B * H, m, d)
+        s_out, o_out = torch.empty(B * H, n, m), torch.empty(B * H, n, d)
+
+        def roofline():
+            torch.bmm(qf, kt, out=s_out)
+            torch.bmm(s_out, vf, out=o_out)
+
+        t_roof = measure(roofline, "roofline", min_run_time=run_time).median
+        t_read = measure(lambda: read(q, state), "read", min_run_time=run_time).median
+        t_naive = measure(lambda: naive_read(q, state, d**-0.5), "naive", min_run_time=run_time).median
+        t_topk = measure(lambda: read(q, state, top_k=k), "top-k", min_run_time=run_time).median
+        keys, values = torch.randn(B, H, n, d, generator=gen), torch.randn(B, H, n, d, generator=gen)
+        g = torch.rand(B, H, n, generator=gen)
+        t_write = measure(lambda: write(state, keys, values, g), "write", min_run_time=run_time).median
+        src = torch.randn(2 * B * H * n * d)
+        dst = torch.empty_like(src)
+        t_copy = measure(lambda: dst.copy_(src), "copy", min_run_time=run_time).median
+        write_base = write_base or t_write
+        roof = flops / t_roof / 1e9
+        print(
+            f"{m:>6} | {roof:>13.1f} | {flops / t_read / 1e9:>9.1f} {t_roof / t_read:>6.2f} | "
+            f"{t_roof / t_naive:>11.2f} | {t_topk / t_read:>12.2f} | {t_write * 1e3:>8.2f} "
+            f"{t_write / t_copy:>7.0f} {t_write / write_base:>9.2f}",
+            flush=True,
+        )
+        del state, kt, s_out
+
+
+if __name__ == "__main__":
+    main()
