@@ -85,28 +85,37 @@ def read(
 
 @torch.no_grad()
 def _select_top_k(q: Tensor, keys: Tensor, bias: Tensor, scale: float, k: int) -> Tensor:
-    """Indices (b h n k) of the k best slots, scoring TOP_K_CHUNK slots at a time."""
-    b, h, n, _ = q.shape
+    """Indices (b h n k) of the k best slots, scoring TOP_K_CHUNK slots at a time.
+
+    Each chunk's own top k is merged with the running best (2k candidates): the global top k
+    lies in the union of the chunks' top k, and nothing of size (n x chunk) is copied.
+    """
+    b, h, n, dk = q.shape
     m = keys.shape[2]
-    best = torch.full((b, h, n, 0), float("-inf"), dtype=q.dtype, device=q.device)
-    best_idx = torch.zeros((b, h, n, 0), dtype=torch.long, device=q.device)
+    qf = q.reshape(b * h, n, dk)
+    best = best_idx = None
     for start in range(0, m, TOP_K_CHUNK):
         stop = min(start + TOP_K_CHUNK, m)
-        scores = torch.matmul(q, keys[:, :, start:stop].transpose(-1, -2)) * scale
-        scores = scores + bias[:, :, None, start:stop]  # (b h n c)
-        idx = torch.arange(start, stop, device=q.device).expand(b, h, n, stop - start)
-        cand, cand_idx = torch.cat([best, scores], dim=-1), torch.cat([best_idx, idx], dim=-1)
-        best, pos = cand.topk(min(k, cand.shape[-1]), dim=-1)
-        best_idx = cand_idx.gather(-1, pos)
-    return best_idx
+        chunk_keys = keys[:, :, start:stop].reshape(b * h, stop - start, dk)
+        chunk_bias = bias[:, :, start:stop].reshape(b * h, 1, stop - start)
+        scores = torch.baddbmm(chunk_bias, qf, chunk_keys.transpose(-1, -2), alpha=scale)  # (bh n c)
+        top, idx = scores.topk(min(k, stop - start), dim=-1)
+        idx = idx + start
+        if best is not None:
+            top = torch.cat([best, top], dim=-1)
+            top, pos = top.topk(min(k, top.shape[-1]), dim=-1)
+            idx = torch.cat([best_idx, idx], dim=-1).gather(-1, pos)
+        best, best_idx = top, idx
+    return best_idx.reshape(b, h, n, -1)
 
 
 def _gather_slots(x: Tensor, idx: Tensor) -> Tensor:
-    """x: (b h m d), idx: (b h n k) -> (b h n k d) without materialising (b h n m d)."""
+    """x: (b h m d), idx: (b h n k) -> (b h n k d), as whole-row index_select (fast on CPU, unlike
+    an element-wise gather with an expanded index) without materialising (b h n m d)."""
     b, h, m, d = x.shape
     n, k = idx.shape[2], idx.shape[3]
-    flat = idx.reshape(b, h, n * k, 1).expand(b, h, n * k, d)
-    return x.gather(2, flat).reshape(b, h, n, k, d)
+    rows = idx + (torch.arange(b * h, device=idx.device) * m).view(b, h, 1, 1)
+    return x.reshape(b * h * m, d).index_select(0, rows.flatten()).view(b, h, n, k, d)
 
 
 def _read_top_k(q: Tensor, state: MemoryState, scale: float, top_k: int, gated_scores: bool) -> Tensor:
