@@ -73,6 +73,19 @@ def _priority_destinations(
     return torch.where(survive_new, target, torch.full_like(target, m))
 
 
+def _scatter_rows(store: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
+    """A new (b h m d) store: ``store`` with ``rows`` (b h n d) written at slots ``dest`` (b h n).
+
+    One copy of the store (memcpy speed) plus an O(n) scatter into it; tokens sent to the discard
+    slot ``m`` land in an extra row that the returned view leaves out. The scatter is in place on
+    the fresh copy only, so the caller's ``store`` and autograd's saved tensors never change.
+    """
+    b, h, m, d = store.shape
+    fresh = torch.cat([store, store.new_zeros(b, h, 1, d)], dim=2)  # (b h m+1 d)
+    fresh.scatter_(2, dest[..., None].expand(*dest.shape, d), rows)
+    return fresh[:, :, :m]
+
+
 def write(
     state: MemoryState,
     keys: Tensor,
@@ -119,13 +132,9 @@ def write(
     src = writer.clamp_min(0)
 
     g_store = g.to(keys.dtype)[..., None]
-    gk = keys * g_store
-    gv = values * g_store
-    new_keys = torch.where(hit[..., None], gk.gather(2, src[..., None].expand(b, h, m, dk)), state.keys)
-    new_values = torch.where(hit[..., None], gv.gather(2, src[..., None].expand(b, h, m, dv)), state.values)
     return MemoryState(
-        keys=new_keys,
-        values=new_values,
+        keys=_scatter_rows(state.keys, dest, keys * g_store),
+        values=_scatter_rows(state.values, dest, values * g_store),
         valid=state.valid | hit,
         strength=torch.where(hit, g.gather(2, src), state.strength),
         step=torch.where(hit, step_new[:, None, :].expand(b, h, n).gather(2, src), state.step),
