@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .layers import FeedForward, MemoryLayer, MultiHeadAttention
 from .layers._validation import check_input, check_token_mask, positive_int
-from .memory import USAGE_DECAY, MemoryState
+from .memory import MemoryState
 from .memory.state import metadata_dtype
 
 __all__ = ["MemGPTBlock", "BlockState", "SegmentBuffer", "SegmentView"]
@@ -93,6 +93,8 @@ def _place(buffer: Tensor, fresh: Tensor, present: Tensor, start: int) -> Tensor
 class MemGPTBlock(nn.Module):
     """Pre-norm decoder block with a memory layer between attention and the FFN.
 
+    The memory layer is built by the caller and injected (``MemGPTBlock(dim, heads,
+    MemoryLayer(dim, capacity=...))``), so its settings live in one place.
     ``y, state = block(x, state, mask=mask)``: x (b n d) is one segment; state a BlockState or
     None (empty memory). The model drives streaming through ``view=SegmentView(...)``.
     """
@@ -101,38 +103,21 @@ class MemGPTBlock(nn.Module):
         self,
         dim: int,
         heads: int,
+        memory: MemoryLayer,
         *,
-        memory_capacity: int,
-        memory_heads: int = 1,
-        key_dim: int | None = None,
-        value_dim: int | None = None,
         ffn_dim: int | None = None,
         dropout: float = 0.0,
-        scale: float | None = None,
-        top_k: int | None = None,
-        eviction: str = "fifo",
-        gated_scores: bool = True,
-        usage_decay: float = USAGE_DECAY,
-        fusion_bias_init: float = 0.0,
     ) -> None:
         super().__init__()
         self.dim = positive_int("dim", dim)
+        if not isinstance(memory, MemoryLayer):
+            raise TypeError(f"memory must be a MemoryLayer, got {type(memory).__name__}")
+        if memory.dim != dim:
+            raise ValueError(f"memory layer width must equal the block's dim {dim}, got {memory.dim}")
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
         self.memory_norm = nn.LayerNorm(dim)
-        self.memory = MemoryLayer(
-            dim,
-            heads=memory_heads,
-            capacity=memory_capacity,
-            key_dim=key_dim,
-            value_dim=value_dim,
-            scale=scale,
-            top_k=top_k,
-            eviction=eviction,
-            gated_scores=gated_scores,
-            usage_decay=usage_decay,
-            fusion_bias_init=fusion_bias_init,
-        )
+        self.memory = memory
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_dim, dropout=dropout)
         self.resid_dropout = nn.Dropout(dropout)

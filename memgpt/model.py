@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .block import MemGPTBlock, SegmentView
 from .config import MemGPTConfig
+from .layers import MemoryLayer
 from .model_state import MemGPTState
 
 __all__ = ["MemGPTModel", "MemGPTOutput", "GenerationOutput"]
@@ -38,6 +39,23 @@ class GenerationOutput:
     state: MemGPTState
 
 
+def memory_layer(c: MemGPTConfig) -> MemoryLayer:
+    """The memory layer a block of this configuration holds."""
+    return MemoryLayer(
+        c.dim,
+        heads=c.memory_heads,
+        capacity=c.memory_capacity,
+        key_dim=c.key_dim,
+        value_dim=c.value_dim,
+        scale=c.scale,
+        top_k=c.top_k,
+        eviction=c.eviction,
+        gated_scores=c.gated_scores,
+        usage_decay=c.usage_decay,
+        fusion_bias_init=c.fusion_bias_init,
+    )
+
+
 class MemGPTModel(nn.Module):
     """``out = model(input_ids, state=None, attention_mask=None)`` -> ``out.logits``, ``out.state``."""
 
@@ -52,23 +70,7 @@ class MemGPTModel(nn.Module):
         self.pos_emb = nn.Embedding(c.segment_len, c.dim)  # position within the segment
         self.emb_dropout = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            MemGPTBlock(
-                c.dim,
-                c.heads,
-                memory_capacity=c.memory_capacity,
-                memory_heads=c.memory_heads,
-                key_dim=c.key_dim,
-                value_dim=c.value_dim,
-                ffn_dim=c.ffn_dim,
-                dropout=c.dropout,
-                scale=c.scale,
-                top_k=c.top_k,
-                eviction=c.eviction,
-                gated_scores=c.gated_scores,
-                usage_decay=c.usage_decay,
-                fusion_bias_init=c.fusion_bias_init,
-            )
-            for _ in range(c.depth)
+            MemGPTBlock(c.dim, c.heads, memory_layer(c), ffn_dim=c.ffn_dim, dropout=c.dropout) for _ in range(c.depth)
         )
         self.norm = nn.LayerNorm(c.dim)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)

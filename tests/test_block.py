@@ -12,16 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memgpt import BlockState, MemGPTBlock, MemoryState, SegmentView
+from memgpt import BlockState, MemGPTBlock, MemoryLayer, MemoryState, SegmentView
 from memgpt.testing import assert_close_dtype
 
 F64 = torch.float64
 EVICTIONS = ("fifo", "strength", "usage")
 
 
-def make_block(device, eviction="fifo", **kw) -> MemGPTBlock:
-    kw = dict(memory_capacity=4, memory_heads=2) | kw
-    block = MemGPTBlock(8, 2, eviction=eviction, **kw).to(device=device, dtype=F64)
+def make_block(device, eviction="fifo", capacity=4) -> MemGPTBlock:
+    memory = MemoryLayer(8, heads=2, capacity=capacity, eviction=eviction)
+    block = MemGPTBlock(8, 2, memory).to(device=device, dtype=F64)
     with torch.no_grad():  # random everything, so no zero-initialised gate hides a term
         for p in block.parameters():
             p.normal_(0.0, 0.5)
@@ -79,7 +79,7 @@ def test_block_is_causal_within_a_segment(device):
 def test_padding_is_neither_attended_nor_written(device, eviction):
     """The block has no positions of its own, so with padding anywhere each row's real tokens
     compute what the row's real tokens alone compute, and the memory holds only them."""
-    block = make_block(device, eviction, memory_capacity=3)
+    block = make_block(device, eviction, capacity=3)
     mask = torch.tensor(
         [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 0, 1]],
         dtype=torch.bool,
@@ -129,3 +129,10 @@ def test_block_bad_input(device):
     with pytest.raises(ValueError, match=r"either mask .* or view"):
         streaming = block.empty_state(2, 5, device=device, dtype=F64)
         block(x, streaming, mask=torch.ones(2, 5, dtype=torch.bool, device=device), view=view)
+
+
+def test_block_rejects_a_memory_layer_of_another_width_or_type():
+    with pytest.raises(ValueError, match=r"memory layer width must equal the block's dim 8, got 6"):
+        MemGPTBlock(8, 2, MemoryLayer(6, capacity=4))
+    with pytest.raises(TypeError, match=r"memory must be a MemoryLayer, got Linear"):
+        MemGPTBlock(8, 2, torch.nn.Linear(8, 8))
