@@ -125,6 +125,21 @@ def assert_memory_matches(state: MemoryState, row: int, memory: list[list[tuple]
         assert_close_dtype(values, torch.stack([v for _, v, *_ in slots]))
 
 
+def two_calls_match_hand(layer: MemoryLayer, hand: "HandLayer", x1: torch.Tensor, x2: torch.Tensor):
+    """Run ``layer`` over x1 then x2 (b n d) and assert both outputs equal the hand formulas, row
+    by row. Returns the layer's states s1, s2 and, per row, the hand memories (m1, m2)."""
+    y1, s1 = layer(x1)
+    y2, s2 = layer(x2, s1)
+    memories = []
+    for b in range(x1.shape[0]):
+        y1_hand, m1 = hand(x1[b], hand.empty(), 0)
+        y2_hand, m2 = hand(x2[b], m1, x1.shape[1])
+        assert_close_dtype(y1[b], y1_hand)
+        assert_close_dtype(y2[b], y2_hand)
+        memories.append((m1, m2))
+    return s1, s2, memories
+
+
 def seed_layer(dim: int = 6, heads: int = 1, capacity: int = 8, **kw) -> MemoryLayer:
     layer = MemoryLayer(dim, heads=heads, capacity=capacity, scale=1.0, gated_scores=False, **kw)
     return randomise(layer.to(F64))
@@ -192,19 +207,15 @@ def test_memory_layer_two_calls_are_the_seed_formulas(capacity):
     layer = seed_layer(capacity=capacity)
     hand = HandLayer(layer)
     x1, x2 = torch.randn(2, 4, 6, dtype=F64), torch.randn(2, 3, 6, dtype=F64)
-    y1, s1 = layer(x1)
-    y2, s2 = layer(x2, s1)
-    for b in range(2):
-        y1_hand, m1 = hand(x1[b], hand.empty(), 0)
-        y2_hand, m2 = hand(x2[b], m1, 4)
-        assert_close_dtype(y1[b], y1_hand)
-        assert_close_dtype(y2[b], y2_hand)
+    s1, s2, memories = two_calls_match_hand(layer, hand, x1, x2)
+    for b, (m1, m2) in enumerate(memories):
         assert_memory_matches(s1, b, m1)
         assert_memory_matches(s2, b, m2)
     # The first call reads an empty memory: r = 0, so y1 = lambda x1 with lambda = sigmoid(W_l [x; 0] + b_l).
     lam = torch.sigmoid(layer.fusion.gate_proj(torch.cat([x1, torch.zeros_like(x1)], dim=-1)))
-    assert_close_dtype(y1, lam * x1)
+    assert_close_dtype(layer(x1)[0], lam * x1)
     # The second call really depends on the first (the memory is in the path).
+    y2 = layer(x2, s1)[0]
     y2_fresh, _ = layer(x2)
     assert (y2 - y2_fresh).abs().max() > 1e-3
 
@@ -214,12 +225,7 @@ def test_default_scale_is_inverse_sqrt_key_dim():
     assert layer.reader.scale == pytest.approx(4**-0.5)
     hand = HandLayer(layer)
     assert hand.scale == pytest.approx(0.5)
-    x1, x2 = torch.randn(1, 4, 6, dtype=F64), torch.randn(1, 3, 6, dtype=F64)
-    _, s1 = layer(x1)
-    y2, _ = layer(x2, s1)
-    _, m1 = hand(x1[0], hand.empty(), 0)
-    y2_hand, _ = hand(x2[0], m1, 4)
-    assert_close_dtype(y2[0], y2_hand)
+    two_calls_match_hand(layer, hand, torch.randn(1, 4, 6, dtype=F64), torch.randn(1, 3, 6, dtype=F64))
 
 
 def test_gated_scores_add_log_g_formula():
@@ -228,11 +234,8 @@ def test_gated_scores_add_log_g_formula():
     hand = HandLayer(layer)
     assert hand.gated
     x1, x2 = torch.randn(1, 5, 6, dtype=F64), torch.randn(1, 3, 6, dtype=F64)
-    _, s1 = layer(x1)
+    s1, _, [(m1, _)] = two_calls_match_hand(layer, hand, x1, x2)
     y2, _ = layer(x2, s1)
-    _, m1 = hand(x1[0], hand.empty(), 0)
-    y2_hand, _ = hand(x2[0], m1, 5)
-    assert_close_dtype(y2[0], y2_hand)
     # And the log g term matters: without it the read differs.
     hand.gated = False
     y2_ungated, _ = hand(x2[0], m1, 5)
@@ -249,14 +252,10 @@ def test_multi_head_concat_order():
     assert tuple(layer.writer.gate_proj.weight.shape) == (2, 6)
     hand = HandLayer(layer)
     x1, x2 = torch.randn(2, 4, 6, dtype=F64), torch.randn(2, 3, 6, dtype=F64)
-    y1, s1 = layer(x1)
-    y2, s2 = layer(x2, s1)
-    for b in range(2):
-        y1_hand, m1 = hand(x1[b], hand.empty(), 0)
-        y2_hand, m2 = hand(x2[b], m1, 4)
-        assert_close_dtype(y1[b], y1_hand)
-        assert_close_dtype(y2[b], y2_hand)
+    s1, s2, memories = two_calls_match_hand(layer, hand, x1, x2)
+    for b, (_, m2) in enumerate(memories):
         assert_memory_matches(s2, b, m2)
+    y2 = layer(x2, s1)[0]
     # Swapping the two heads' halves of W_o changes the output: the order is observable.
     with torch.no_grad():
         layer.reader.out_proj.weight.copy_(layer.reader.out_proj.weight[:, [2, 3, 0, 1]])
