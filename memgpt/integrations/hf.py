@@ -1,0 +1,253 @@
+"""Memory layers inserted into a Hugging Face transformer (GPT-2, Llama-family, BERT encoders).
+
+::
+
+    from memgpt.integrations.hf import MemoryModel
+
+    mm = MemoryModel(gpt2, after=[5, 11], capacity=1024, heads=4)    # hooks, nothing rewritten
+    out = mm(input_ids, attention_mask=mask)                          # first segment: empty memory
+    out = mm(next_ids, attention_mask=next_mask, memory_state=out.memory_state.detach())
+    out.logits, out.memory_state                                      # the HF output + the new memory
+
+Each call is one segment: its tokens read what earlier calls wrote, then its real tokens
+(``attention_mask`` 1) are written. The memory after layer ``i`` is a :class:`ResidualMemory`
+applied to that layer's output hidden states, initialised near the identity.
+
+How the state reaches the layers: :class:`MemoryModel` registers a forward hook on each chosen
+layer; during one call of :meth:`MemoryModel.forward` a context variable holds that call's
+memory stores and token mask, and the hooks read and replace them. Nothing lives on a module
+between calls; calling the inner model directly while the hooks are installed raises (use
+:meth:`MemoryModel.remove` to take them out).
+
+``transformers`` is imported only when a :class:`MemoryModel` is built (extra ``hf``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..memory import MemoryState
+from .states import MemoryStates
+from .wrap import DROP_IN_FUSION_BIAS, ResidualMemory, drop_in_memory
+
+__all__ = ["MemoryModel", "find_layers"]
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:  # name the extra, not just the module
+        raise ImportError(
+            "memgpt.integrations.hf needs the Hugging Face extra: pip install 'memgpt-layers[hf]'"
+        ) from e
+    return transformers
+
+
+@dataclass
+class _Call:
+    """What one MemoryModel.forward call shares with its hooks (lives only during the call)."""
+
+    states: dict[int, MemoryState | None]
+    attention_mask: Tensor | None
+    new: dict[int, MemoryState] = field(default_factory=dict)
+
+    def token_mask(self, h: Tensor) -> Tensor | None:
+        """(b n) bool for hidden states h (b n d): the last n columns of the attention mask
+        (with a KV cache the mask spans the cached tokens too, as in Hugging Face)."""
+        if self.attention_mask is None:
+            return None
+        b, n = h.shape[:2]
+        am = self.attention_mask
+        if am.shape[0] != b or am.shape[1] < n:
+            raise ValueError(f"attention_mask {tuple(am.shape)} does not cover hidden states (b n) = {(b, n)}")
+        return am[:, am.shape[1] - n :].to(device=h.device) != 0
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("memgpt_hf_call", default=None)
+
+
+def _layers_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
+def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer layers: ``(dotted path, ModuleList)``.
+
+    Without ``path``: the one ``nn.ModuleList`` holding ``config.num_hidden_layers`` modules of
+    one class (``transformer.h`` in GPT-2, ``model.layers`` in Llama, ``encoder.layer`` in BERT).
+    """
+    if path is not None:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError as e:
+            raise ValueError(f"layers_path {path!r} names no submodule of {type(model).__name__}") from e
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"layers_path {path!r} must name an nn.ModuleList, got {type(layers).__name__}")
+        return path, layers
+    n = _layers_count(model)
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 0
+        and (n is None or len(m) == n)
+        and len({type(x) for x in m}) == 1
+    ]
+    if len(candidates) != 1:
+        found = [f"{name} ({len(m)} x {type(m[0]).__name__})" for name, m in candidates] or ["none"]
+        raise ValueError(
+            f"cannot tell which ModuleList of {type(model).__name__} holds its {n} transformer layers; "
+            f"candidates: {', '.join(found)}. Pass layers_path='...'"
+        )
+    return candidates[0]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the property (the old name warns); 4.x has only the old one.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+class MemoryModel(nn.Module):
+    """A Hugging Face model with memory layers after the layers ``after`` (indices, -1 = last).
+
+    ``out = mm(input_ids, attention_mask=None, memory_state=None, **hf_kwargs)`` returns the
+    model's own output (``out.logits``, ``out.last_hidden_state``, ``out.loss``...) with
+    ``out.memory_state`` added: a :class:`MemoryStates`, one store per inserted layer, to pass
+    to the next call. Everything but ``input_ids`` goes by keyword (so that the attention mask,
+    which decides what is written, is never missed).
+
+    ``capacity``, ``heads`` and ``memory_kwargs`` configure each :class:`MemoryLayer`
+    (``fusion_bias_init`` defaults to :data:`DROP_IN_FUSION_BIAS`: near the identity).
+    ``dim`` defaults to ``config.hidden_size``; ``layers_path`` to :func:`find_layers`' choice.
+    Parameters: ``mm.model.*`` (the wrapped model, unchanged) and ``mm.memories.<i>.layer.*``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        after: Sequence[int],
+        *,
+        capacity: int,
+        heads: int = 1,
+        fusion_bias_init: float = DROP_IN_FUSION_BIAS,
+        dim: int | None = None,
+        layers_path: str | None = None,
+        **memory_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        _require_transformers()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.layers_path, layers = find_layers(model, layers_path)
+        self.after = self._indices(after, len(layers))
+        if dim is None:
+            dim = getattr(getattr(model, "config", None), "hidden_size", None)
+            if dim is None:
+                raise ValueError(f"{type(model).__name__} has no config.hidden_size: pass dim=")
+        self.model = model
+        memories = {}
+        for i in self.after:
+            layer = drop_in_memory(dim, capacity=capacity, heads=heads, fusion_bias_init=fusion_bias_init, **memory_kwargs)
+            p = next(layers[i].parameters(), None)  # sit beside the layer (dtype, device map)
+            memories[str(i)] = ResidualMemory(layer if p is None else layer.to(device=p.device, dtype=p.dtype))
+        self.memories = nn.ModuleDict(memories)
+        self._handles = [layers[i].register_forward_hook(functools.partial(self._hook, i)) for i in self.after]
+
+    @staticmethod
+    def _indices(after: Sequence[int], n: int) -> tuple[int, ...]:
+        if isinstance(after, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in after):
+            raise TypeError(f"after must be a sequence of layer indices (ints), got {after!r}")
+        out = []
+        for i in after:
+            if not -n <= i < n:
+                raise ValueError(f"layer index {i} is out of range for {n} layers")
+            out.append(i % n)
+        if not out or len(set(out)) != len(out):
+            raise ValueError(f"after must name at least one layer, each once; got {list(after)} ({n} layers)")
+        return tuple(sorted(out))
+
+    def extra_repr(self) -> str:
+        return f"layers_path={self.layers_path!r}, after={list(self.after)}"
+
+    def empty_memory_state(self, batch_size: int) -> MemoryStates:
+        """Empty stores for ``batch_size`` rows, each on its memory layer's device and dtype."""
+        states = []
+        for i in self.after:
+            p = next(self.memories[str(i)].parameters())
+            states.append(self.memories[str(i)].empty_state(batch_size, device=p.device, dtype=p.dtype))
+        return MemoryStates(tuple(states))
+
+    def memory_parameters(self):
+        """The parameters of the inserted memory layers only (e.g. a higher learning rate)."""
+        return self.memories.parameters()
+
+    def remove(self) -> nn.Module:
+        """Take the hooks out; returns the inner model, which computes as before insertion."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.model
+
+    def _hook(self, index: int, module: nn.Module, args: tuple, output: Any) -> Any:
+        call = _CALL.get()
+        if call is None:
+            raise RuntimeError(
+                f"a memory layer is inserted after layer {index}: call the MemoryModel wrapper, not the inner "
+                "model (or MemoryModel.remove() the hooks)"
+            )
+        if index in call.new:
+            raise RuntimeError(f"layer {index} ran twice in one call; its memory would be written twice")
+        h = output[0] if isinstance(output, tuple) else output  # transformers 4.x layers return tuples
+        y, call.new[index] = self.memories[str(index)](h, call.states[index], call.token_mask(h))
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    def forward(self, input_ids: Tensor | None = None, *, memory_state: MemoryStates | None = None, **kwargs: Any):
+        """input_ids: (b n); attention_mask (keyword): (b n) or (b t) with a KV cache, 1 = real token.
+
+        Returns the wrapped model's output with ``memory_state`` (a MemoryStates) added.
+        """
+        if kwargs.get("return_dict") is False:
+            raise ValueError("return_dict=False is not supported: the memory state travels on the output object")
+        if self.training and _checkpointing(self.model):
+            raise ValueError(
+                "gradient checkpointing re-runs layers in the backward pass, outside the call that carries the "
+                "memory state; disable it on the wrapped model (model.gradient_checkpointing_disable())"
+            )
+        if len(self._handles) != len(self.after):
+            raise RuntimeError("the memory hooks were removed (MemoryModel.remove()); call the inner model directly")
+        if memory_state is None:
+            states: dict[int, MemoryState | None] = {i: None for i in self.after}
+        else:
+            if not isinstance(memory_state, MemoryStates):
+                raise TypeError(f"memory_state must be a MemoryStates or None, got {type(memory_state).__name__}")
+            if len(memory_state) != len(self.after):
+                raise ValueError(
+                    f"memory_state holds {len(memory_state)} memories, the model has {len(self.after)} "
+                    f"(after layers {list(self.after)})"
+                )
+            states = dict(zip(self.after, memory_state))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must be a (b n) tensor, 1 = real token, got {got}")
+        call = _Call(states, mask)
+        token = _CALL.set(call)
+        try:
+            out = self.model(input_ids, **kwargs) if input_ids is not None else self.model(**kwargs)
+        finally:
+            _CALL.reset(token)
+        missing = [i for i in self.after if i not in call.new]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in this call, so their memory was not updated")
+        out["memory_state"] = MemoryStates(tuple(call.new[i] for i in self.after))
+        return out
