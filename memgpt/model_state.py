@@ -1,13 +1,14 @@
-"""The state a MemGPT model carries between calls, and its save/load.
+"""The state a MemGPT model carries between calls.
 
-Files are written with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
-plain tensors and containers only, so loading a state file cannot run code.
+``save``/``load`` write and read ``safetensors`` files with a JSON header (no pickle, so loading
+a state file cannot run code); the format and its checks live in :mod:`memgpt.state_file`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,11 +16,13 @@ from torch import Tensor
 from .block import BlockState, SegmentBuffer
 from .memory import MemoryState
 from .memory.state import metadata_dtype
+from .state_file import STATE_FORMAT, STATE_VERSION, load_state, save_state
+
+if TYPE_CHECKING:
+    from .config import MemGPTConfig
+    from .model import MemGPTModel
 
 __all__ = ["MemGPTState", "STATE_FORMAT", "STATE_VERSION"]
-
-STATE_FORMAT = "memgpt.MemGPTState"
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,43 +134,42 @@ class MemGPTState:
                 out[f"layers.{i}.buffer.{f.name}"] = getattr(layer.buffer, f.name)
         return out
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the state (detached, contiguous) to ``path``."""
-        tensors = {k: v.detach().contiguous() for k, v in self._flat().items()}
-        torch.save({"format": STATE_FORMAT, "version": STATE_VERSION, "depth": len(self.layers), "tensors": tensors}, path)
+    @classmethod
+    def _from_flat(cls, tensors: dict[str, Tensor], depth: int) -> "MemGPTState":
+        """Inverse of :meth:`_flat` (the caller has checked the names)."""
+        layers = []
+        for i in range(depth):
+            memory = MemoryState.from_dict(
+                {f.name: tensors[f"layers.{i}.memory.{f.name}"] for f in fields(MemoryState)}
+            )
+            buffer = SegmentBuffer(**{f.name: tensors[f"layers.{i}.buffer.{f.name}"] for f in fields(SegmentBuffer)})
+            layers.append(BlockState(memory, buffer))
+        return cls(tuple(layers), tensors["position"], tensors["previous"])
+
+    def save(self, path: str | os.PathLike, model: "MemGPTModel | MemGPTConfig") -> None:
+        """Write the state to a ``safetensors`` file at ``path`` (atomically; no pickle).
+
+        ``model`` (the MemGPTModel the state belongs to, or its config) supplies what the header
+        records and loading checks: depth, widths, segment length, capacity, eviction policy.
+        See :mod:`memgpt.state_file`.
+        """
+        save_state(self, path, model)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, map_location: str | torch.device | None = None) -> "MemGPTState":
-        """Read a state written by :meth:`save`. A corrupt or foreign file raises ValueError."""
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # torch raises many types for a corrupt file; name the file and the cause
-            raise ValueError(f"{os.fspath(path)!r} is not a readable memgpt state file: {e}") from e
-        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a memgpt state file (format {STATE_FORMAT!r} expected)")
-        if payload.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported state file version: expected {STATE_VERSION}, got {payload.get('version')!r}")
-        tensors, depth = payload.get("tensors"), payload.get("depth")
-        if not isinstance(tensors, dict) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"{os.fspath(path)!r}: malformed state file (tensors/depth)")
-        try:
-            layers = []
-            for i in range(depth):
-                memory = MemoryState.from_dict(
-                    {f.name: tensors.pop(f"layers.{i}.memory.{f.name}") for f in fields(MemoryState)}
-                )
-                buffer = SegmentBuffer(**{f.name: tensors.pop(f"layers.{i}.buffer.{f.name}") for f in fields(SegmentBuffer)})
-                layers.append(BlockState(memory, buffer))
-            state = cls(tuple(layers), tensors.pop("position"), tensors.pop("previous"))
-        except KeyError as e:
-            raise ValueError(f"{os.fspath(path)!r}: state file is missing tensor {e.args[0]!r}") from e
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{os.fspath(path)!r}: inconsistent state file: {e}") from e
-        if tensors:
-            raise ValueError(f"{os.fspath(path)!r}: unexpected tensors in state file: {sorted(tensors)[:5]}")
-        return state
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: "MemGPTModel | MemGPTConfig | None" = None,
+        *,
+        map_location: str | torch.device | None = None,
+    ) -> "MemGPTState":
+        """Read a state written by :meth:`save`: a new state, or ValueError naming the file, the
+        expected and the actual value (corrupt file, foreign file, another model's state).
+
+        With ``model`` the file must match its settings, and the state lands on the model's device
+        unless ``map_location`` says otherwise. A missing file raises FileNotFoundError.
+        """
+        return load_state(path, model, map_location=map_location)
 
     def __repr__(self) -> str:
         mem = self.layers[0].memory if self.layers else None

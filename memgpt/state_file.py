@@ -1,0 +1,315 @@
+"""Memory that survives a restart: a :class:`MemGPTState` in a ``safetensors`` file.
+
+No pickle: the file is a JSON header plus raw tensor bytes, so loading one cannot run code.
+The safetensors metadata holds one entry, ``memgpt.state``: a JSON header with the format
+name and version, the library version, the batch size, the storage dtype, the settings of the
+model the state belongs to (depth, widths, heads, segment length, memory capacity, eviction
+policy, ...), every layer's memory shape ``(heads, capacity, dk, dv)`` and a SHA-256 over the
+header and every tensor's name, dtype, shape and bytes.
+
+Loading checks, in order: the file parses; the header is ours, of a version we read, and
+complete; it matches the model (when one is given); the tensors are exactly those the header
+implies, with the dtypes and shapes it implies; the digest matches (any flipped byte); values
+are in range. Only then is a new state built, so a failed load never leaves anything
+half-loaded. Every error names the file, the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .config import MemGPTConfig
+from .memory.state import metadata_dtype
+
+if TYPE_CHECKING:
+    from .model import MemGPTModel
+    from .model_state import MemGPTState
+
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "save_state", "load_state", "read_header", "state_spec"]
+
+STATE_FORMAT = "memgpt.MemGPTState"
+STATE_VERSION = 2  # 1 was a torch.save pickle-free zip; 2 is safetensors
+METADATA_KEY = "memgpt.state"
+
+# The settings of MemGPTConfig that decide what a state holds and means (shapes, the eviction
+# policy that maintains the slot metadata, the token ids kept in ``previous``). Settings that
+# only change how the state is *used* (scale, top_k, gated_scores, dropout) are not compared.
+STATE_CONFIG_KEYS = (
+    "vocab_size",
+    "dim",
+    "depth",
+    "heads",
+    "segment_len",
+    "memory_heads",
+    "memory_capacity",
+    "key_dim",
+    "value_dim",
+    "eviction",
+    "usage_decay",
+    "token_shift",
+)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.long, "BOOL": torch.bool,
+}
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _config(model: "MemGPTModel | MemGPTConfig", what: str) -> MemGPTConfig:
+    config = model if isinstance(model, MemGPTConfig) else getattr(model, "config", None)
+    if not isinstance(config, MemGPTConfig):
+        raise TypeError(f"{what} must be a MemGPTModel or a MemGPTConfig, got {type(model).__name__}")
+    return config
+
+
+def state_config(config: MemGPTConfig) -> dict:
+    """The state-deciding settings of ``config``, key/value widths resolved."""
+    out = {k: getattr(config, k) for k in STATE_CONFIG_KEYS}
+    out["key_dim"], out["value_dim"] = config.memory_key_dim, config.memory_value_dim
+    return out
+
+
+def state_spec(config: dict, batch_size: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor of a state for ``config`` (a :func:`state_config`).
+
+    The same layout as ``MemGPTModel.empty_state`` (a test holds the two together).
+    """
+    b, T, meta, long = batch_size, config["segment_len"], metadata_dtype(dtype), torch.long
+    h, m, dk, dv = (config[k] for k in ("memory_heads", "memory_capacity", "key_dim", "value_dim"))
+    ah, ad = config["heads"], config["dim"] // config["heads"]
+    spec = {"position": ((b,), long), "previous": ((b,), long)}
+    for i in range(config["depth"]):
+        p = f"layers.{i}."
+        spec |= {
+            p + "memory.keys": ((b, h, m, dk), dtype),
+            p + "memory.values": ((b, h, m, dv), dtype),
+            p + "memory.valid": ((b, h, m), torch.bool),
+            p + "memory.strength": ((b, h, m), meta),
+            p + "memory.step": ((b, h, m), long),
+            p + "memory.usage": ((b, h, m), meta),
+            p + "memory.count": ((b,), long),
+            p + "buffer.attn_keys": ((b, ah, T, ad), dtype),
+            p + "buffer.attn_values": ((b, ah, T, ad), dtype),
+            p + "buffer.keys": ((b, h, T, dk), dtype),
+            p + "buffer.values": ((b, h, T, dv), dtype),
+            p + "buffer.strength": ((b, h, T), meta),
+        }
+    return spec
+
+
+def _digest(header: dict, tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the header (without its digest) and every tensor's name, dtype, shape, bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # every dtype here is 1, 2, 4 or 8 bytes wide
+    return h.hexdigest()
+
+
+def _check_layout(where: str, layout: dict[str, tuple], spec: dict[str, tuple]) -> None:
+    """``layout`` and ``spec``: name -> (shape, dtype); the names, shapes and dtypes must agree."""
+    missing, extra = sorted(set(spec) - set(layout)), sorted(set(layout) - set(spec))
+    if missing or extra:
+        raise ValueError(f"{where}: expected {len(spec)} state tensors; missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, (shape, dtype) in spec.items():
+        if layout[name] != (shape, dtype):
+            got_shape, got_dtype = layout[name]
+            raise ValueError(f"{where}: tensor {name!r} expected {dtype} {shape}, got {got_dtype} {got_shape}")
+
+
+def save_state(state: "MemGPTState", path: str | os.PathLike, model: "MemGPTModel | MemGPTConfig") -> None:
+    """Write ``state`` (detached, moved to CPU) to ``path`` atomically: a temporary file in the same
+    folder, then ``os.replace``; a crash mid-save leaves the previous file intact."""
+    import memgpt  # the package's version; imported here because memgpt/__init__ imports this module
+
+    config = state_config(_config(model, "model"))
+    path = os.fspath(path)
+    dtype = state.layers[0].memory.dtype if state.layers else torch.get_default_dtype()
+    if str(dtype).removeprefix("torch.") not in _DTYPES:
+        raise ValueError(f"cannot save a state of dtype {dtype}: expected one of {sorted(_DTYPES)}")
+    # clone: safetensors refuses tensors that share storage, and the file must not alias the state.
+    tensors = {
+        k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state._flat().items()
+    }
+    _check_layout(
+        f"state to save in {path!r} (made for another model?)",
+        {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+        state_spec(config, state.batch_size, dtype),
+    )
+    header = {
+        "format": STATE_FORMAT,
+        "format_version": STATE_VERSION,
+        "library_version": memgpt.__version__,
+        "batch_size": state.batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "config": config,
+        "layers": [
+            [config["memory_heads"], config["memory_capacity"], config["key_dim"], config["value_dim"]]
+        ]
+        * config["depth"],
+    }
+    header["sha256"] = _digest(header, tensors)
+
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # same folder, so os.replace is atomic
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _field(where: str, header: dict, key: str, kind: type | tuple[type, ...]):
+    value = header.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ValueError(f"{where}: header field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a state file, checked for format, version and completeness."""
+    from safetensors import safe_open
+
+    where = repr(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no memgpt state file at {where}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type (and OSError, ...) for any bad file
+        raise ValueError(f"{where} is not a readable safetensors file (a memgpt state file is one): {e}") from e
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{where} is not a memgpt state file: no {METADATA_KEY!r} entry in its metadata")
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: corrupt state header (not JSON: {e})") from e
+    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+        got = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise ValueError(f"{where}: expected format {STATE_FORMAT!r}, got {got!r}")
+    version = header.get("format_version")
+    if version != STATE_VERSION:
+        raise ValueError(
+            f"{where}: unsupported state file version: expected {STATE_VERSION}, got {version!r} "
+            f"(written by memgpt {header.get('library_version')!r})"
+        )
+    _field(where, header, "library_version", str)
+    _field(where, header, "sha256", str)
+    if _field(where, header, "batch_size", int) < 1:
+        raise ValueError(f"{where}: batch_size must be >= 1, got {header['batch_size']}")
+    if _field(where, header, "dtype", str) not in _DTYPES:
+        raise ValueError(f"{where}: dtype expected one of {sorted(_DTYPES)}, got {header['dtype']!r}")
+    config = _field(where, header, "config", dict)
+    if sorted(config) != sorted(STATE_CONFIG_KEYS):
+        raise ValueError(f"{where}: config keys expected {sorted(STATE_CONFIG_KEYS)}, got {sorted(config)}")
+    try:  # the settings must be ones a model can have: a MemGPTConfig validates them
+        MemGPTConfig(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: invalid model settings in the header: {e}") from e
+    shapes = [config["memory_heads"], config["memory_capacity"], config["key_dim"], config["value_dim"]]
+    if header.get("layers") != [shapes] * config["depth"]:
+        raise ValueError(
+            f"{where}: layer memory shapes expected {config['depth']} x (heads, capacity, dk, dv) = {shapes}, "
+            f"got {header.get('layers')!r}"
+        )
+    return header
+
+
+def _check_values(where: str, tensors: dict[str, Tensor], config: dict) -> None:
+    """Ranges the model relies on (counters, token ids, gates); the digest has caught accidents already."""
+    checks = [("position", 0, None), ("previous", 0, config["vocab_size"])]
+    for i in range(config["depth"]):
+        p = f"layers.{i}."
+        checks += [(p + "memory.count", 0, None), (p + "memory.step", 0, None), (p + "memory.strength", 0, 1)]
+        checks += [(p + "memory.usage", 0, None), (p + "buffer.strength", 0, 1)]
+    for name, lo, hi in checks:
+        t = tensors[name]
+        ok = (t >= lo) if hi is None else (t >= lo) & (t <= hi)  # NaN fails both
+        if not bool(ok.all()):
+            bad = t[~ok][0].item()
+            bounds = f"[{lo}, {hi if hi is not None else 'inf'}]"
+            raise ValueError(f"{where}: tensor {name!r} expected values in {bounds}, got {bad}")
+
+
+def _read_tensors(where: str, path: str, spec: dict) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            # Names, shapes and dtypes first, from the file's own header: nothing is read if one is wrong.
+            layout = {}
+            for name in f.keys():
+                s = f.get_slice(name)
+                layout[name] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+            _check_layout(where, layout, spec)
+            return {name: f.get_tensor(name) for name in spec}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own error type, OSError, ...
+        raise ValueError(f"{where}: unreadable tensor data: {e}") from e
+
+
+def load_state(
+    path: str | os.PathLike,
+    model: "MemGPTModel | MemGPTConfig | None" = None,
+    *,
+    map_location: str | torch.device | None = None,
+) -> "MemGPTState":
+    """Read a state written by :func:`save_state`; every check fails with ValueError naming the file.
+
+    With ``model`` (a MemGPTModel or its config) the header must match its settings; a model also
+    fixes the dtype (its parameters') and the default ``map_location`` (its device). A missing
+    file raises FileNotFoundError.
+    """
+    from .model_state import MemGPTState
+
+    want = None if model is None else state_config(_config(model, "model"))
+    param = None if model is None or isinstance(model, MemGPTConfig) else next(model.parameters())
+    where = repr(os.fspath(path))
+    header = read_header(path)
+    config, batch, dtype = header["config"], header["batch_size"], _DTYPES[header["dtype"]]
+    tensors = _read_tensors(where, os.fspath(path), state_spec(config, batch, dtype))
+    digest = _digest(header, tensors)
+    if digest != header["sha256"]:
+        raise ValueError(
+            f"{where}: corrupt state file: SHA-256 of header and tensors expected {header['sha256'][:16]}..., "
+            f"got {digest[:16]}..."
+        )
+    _check_values(where, tensors, config)
+    # Integrity first, then compatibility: a corrupt file is reported as corrupt, not as "another model".
+    for key in STATE_CONFIG_KEYS if want is not None else ():
+        if want[key] != config[key]:
+            raise ValueError(
+                f"{where} was saved for another model: {key} expected {want[key]!r} (the model), "
+                f"got {config[key]!r} (the file)"
+            )
+    if param is not None and dtype != param.dtype:
+        raise ValueError(f"{where} holds a {dtype} state, the model computes in {param.dtype}")
+    try:
+        state = MemGPTState._from_flat(tensors, config["depth"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: inconsistent state file: {e}") from e
+    if param is not None and map_location is None:
+        map_location = param.device
+    if map_location is not None:
+        state = state.to(map_location)
+    if param is not None and state.position.device == param.device:
+        try:  # everything it checks is checked above already; kept so the two can never disagree
+            model.check_state(state, batch)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} does not fit the model: {e}") from e
+    return state
