@@ -169,10 +169,12 @@ class MemGPTBlock(nn.Module):
         *,
         mask: Tensor | None = None,
         view: SegmentView | None = None,
+        inplace_memory: bool = False,
     ) -> tuple[Tensor, BlockState]:
         """x: (b w d); mask: (b w) bool, True = real token (whole-segment use only).
 
-        Returns y (b w d) and the new BlockState.
+        Returns y (b w d) and the new BlockState. ``inplace_memory=True`` (inference) writes into
+        the given state's memory tensors instead of a copy (see :func:`memgpt.memory.write`).
         """
         check_input("x", x, self.dim)
         b, w, _ = x.shape
@@ -209,7 +211,7 @@ class MemGPTBlock(nn.Module):
         h = h + (fused - u)
         new_keys, new_values, new_strength = self.memory.writer(u)
         if view is None:
-            memory = self.memory.store(new_keys, new_values, new_strength, memory, mask=present)
+            memory = self.memory.store(new_keys, new_values, new_strength, memory, mask=present, inplace=inplace_memory)
         else:
             start = view.start
             buffer = SegmentBuffer(
@@ -219,11 +221,13 @@ class MemGPTBlock(nn.Module):
                 values=_place(buffer.values, new_values, present, start),
                 strength=_place(buffer.strength, new_strength, present, start),
             )
-            if view.flushing:  # a write is O(capacity): skip it while every segment is unfinished
+            if view.flushing:  # an out-of-place write is O(capacity): skip it while no row flushes
                 slab = torch.zeros_like(view.filled)
                 slab[:, start : start + w] = present
                 flush = (view.filled | slab) & view.flush[:, None]  # (b T)
-                memory = self.memory.store(buffer.keys, buffer.values, buffer.strength, memory, mask=flush)
+                memory = self.memory.store(
+                    buffer.keys, buffer.values, buffer.strength, memory, mask=flush, inplace=inplace_memory
+                )
 
         y = h + self.resid_dropout(self.ffn(self.ffn_norm(h)))
         return y, BlockState(memory, buffer)

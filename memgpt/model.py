@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .block import MemGPTBlock, SegmentView
+from .block import BlockState, MemGPTBlock, SegmentView
 from .config import MemGPTConfig
 from .layers import MemoryLayer
 from .model_state import MemGPTState
@@ -54,6 +54,19 @@ def memory_layer(c: MemGPTConfig) -> MemoryLayer:
         usage_decay=c.usage_decay,
         fusion_bias_init=c.fusion_bias_init,
     )
+
+
+def _unshared(state: MemGPTState, caller: MemGPTState | None) -> MemGPTState:
+    """``state`` with every memory store that still shares a tensor with ``caller``'s cloned
+    (a layer that wrote nothing returns the caller's store itself), so donating it is safe."""
+    if caller is None:
+        return state
+    layers = []
+    for mine, theirs in zip(state.layers, caller.layers, strict=True):
+        ptrs = {t.untyped_storage().data_ptr() for t in theirs.memory.to_dict().values()}
+        shared = any(t.untyped_storage().data_ptr() in ptrs for t in mine.memory.to_dict().values())
+        layers.append(BlockState(mine.memory.clone(), mine.buffer) if shared else mine)
+    return MemGPTState(tuple(layers), state.position, state.previous)
 
 
 class MemGPTModel(nn.Module):
@@ -168,12 +181,24 @@ class MemGPTModel(nn.Module):
         return grid_ids[:, :W], grid_prev[:, :W], grid_present[:, :W], order, vpos, new_previous, W
 
     def forward(
-        self, input_ids: Tensor, state: MemGPTState | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        state: MemGPTState | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        donate_state: bool = False,
     ) -> MemGPTOutput:
         """input_ids: (b n) int64; attention_mask: (b n), 1 = real token, 0 = padding (any position).
 
         Returns logits (b n vocab) and the new state.
+
+        ``donate_state=True`` (inference: under ``torch.no_grad()``) lets the memory writes go into
+        ``state``'s own memory tensors, so a write costs O(tokens) instead of a copy of every
+        store; ``state`` is consumed (using it again raises). :meth:`generate` does this for the
+        states it makes itself.
         """
+        if not isinstance(donate_state, bool):
+            raise TypeError(f"donate_state must be a bool, got {type(donate_state).__name__}")
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (b n) tensor, got {got}")
@@ -233,7 +258,7 @@ class MemGPTModel(nn.Module):
                 x = x + self.shift_emb(grid_prev[:, cols])
             x = self.emb_dropout(x)
             for i, block in enumerate(self.blocks):
-                x, layer_states[i] = block(x, layer_states[i], view=view)
+                x, layer_states[i] = block(x, layer_states[i], view=view, inplace_memory=donate_state)
             logits = self.lm_head(self.norm(x))  # (b w V)
             pieces += [logits.new_zeros(b, lo, V), logits, logits.new_zeros(b, T - hi, V)]
             filled = (filled | seg_present) & ~view.flush[:, None]
@@ -242,6 +267,10 @@ class MemGPTModel(nn.Module):
         packed = grid_logits.gather(1, vpos[..., None].expand(b, n, V))
         logits = torch.zeros_like(packed).scatter(1, order[..., None].expand(b, n, V), packed)
         new_state = MemGPTState(tuple(layer_states), state.position + present.sum(dim=1), previous)
+        if donate_state:  # a store that a usage read replaced was written through its copy: mark it too
+            for old, new in zip(state.layers, new_state.layers, strict=True):
+                if old.memory is not new.memory and not old.memory._donated:
+                    old.memory._donate()
         return MemGPTOutput(logits, new_state)
 
     # ------------------------------------------------------------------ generation
@@ -279,15 +308,17 @@ class MemGPTModel(nn.Module):
             raise ValueError("every row needs at least one real prompt token (attention_mask has an all-zero row)")
         last = n - 1 - present.flip(1).to(torch.int8).argmax(dim=1)  # last real position per row
         logits = out.logits[torch.arange(b, device=input_ids.device), last]  # (b V)
-        state, new_tokens = out.state, []
+        # The caller's state is never touched; the states made here are, so each memory write
+        # costs O(tokens) rather than a copy of the store (the first one copies once if needed).
+        state, new_tokens = _unshared(out.state, state), []
         for step in range(max_new_tokens):
             token = self._pick(logits, temperature, top_k, do_sample, generator)  # (b,)
             new_tokens.append(token)
             if step + 1 < max_new_tokens:
-                out = self(token[:, None], state)
+                out = self(token[:, None], state, donate_state=True)
                 logits, state = out.logits[:, -1], out.state
             else:
-                state = self(token[:, None], state).state
+                state = self(token[:, None], state, donate_state=True).state
         generated = torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(b, 0)
         return GenerationOutput(torch.cat([input_ids, generated.to(input_ids.dtype)], dim=1), state)
 

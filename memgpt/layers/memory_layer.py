@@ -95,9 +95,20 @@ class MemoryLayer(nn.Module):
         return self.store(*self.writer(x), state, mask=mask)
 
     def store(
-        self, keys: Tensor, values: Tensor, strength: Tensor, state: MemoryState, mask: Tensor | None = None
+        self,
+        keys: Tensor,
+        values: Tensor,
+        strength: Tensor,
+        state: MemoryState,
+        mask: Tensor | None = None,
+        *,
+        inplace: bool = False,
     ) -> MemoryState:
-        """Write the writer's outputs (keys (b h n dk), values (b h n dv), strength (b h n))."""
+        """Write the writer's outputs (keys (b h n dk), values (b h n dv), strength (b h n)).
+
+        ``inplace=True`` (inference) writes into ``state``'s tensors and donates it; see
+        :func:`memgpt.memory.write`.
+        """
         return write(
             state,
             keys.to(state.dtype),
@@ -106,6 +117,7 @@ class MemoryLayer(nn.Module):
             mask=mask,
             eviction=self.eviction,
             usage_decay=self.usage_decay,
+            inplace=inplace,
         )
 
     def forward(

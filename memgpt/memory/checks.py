@@ -24,6 +24,7 @@ def check_eviction(eviction: str) -> None:
 def _check_state(state: MemoryState) -> None:
     if not isinstance(state, MemoryState):
         _fail(f"state must be a MemoryState, got {type(state).__name__}", TypeError)
+    state.check_live()
 
 
 def _check_tensor(name: str, t: Tensor, rank: int, layout: str) -> None:

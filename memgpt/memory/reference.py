@@ -107,7 +107,7 @@ def write(
     count = state.count.clone()
     g = strength.to(state.strength.dtype)
     for bi in range(b):
-        if bool(mask[bi].any()):
+        if eviction == "usage" and bool(mask[bi].any()):  # only the usage policy decays usage
             usage[bi] = usage[bi] * usage_decay
         for j in range(n):
             if not bool(mask[bi, j]):

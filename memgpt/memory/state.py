@@ -4,8 +4,11 @@ Shapes (einops notation, see README): ``b`` batch, ``h`` memory heads, ``m`` slo
 ``dk``/``dv`` key and value widths.
 
 The store is a *value*: every operation returns a new ``MemoryState`` and never mutates the one
-it was given, so autograd and callers that keep an old state see what they kept. It is never a
-module buffer (DDP would broadcast it from rank 0 and overwrite each rank's memory).
+it was given, so autograd and callers that keep an old state see what they kept. The one
+exception is asked for explicitly: ``write(..., inplace=True)`` (inference) writes into the
+given state's tensors and *donates* that state: any later use of it raises instead of silently
+reading contents that have changed. It is never a module buffer (DDP would broadcast it from
+rank 0 and overwrite each rank's memory).
 """
 
 from __future__ import annotations
@@ -54,8 +57,22 @@ class MemoryState:
     usage: Tensor
     count: Tensor
 
+    # Set (on the instance) when an in-place write took this state's tensors; not a field.
+    _donated = False
+
     def __post_init__(self) -> None:
         self.validate()
+
+    def _donate(self) -> None:
+        object.__setattr__(self, "_donated", True)
+
+    def check_live(self) -> None:
+        """Raise if this state was donated to an in-place write (its tensors now hold a later state)."""
+        if self._donated:
+            raise RuntimeError(
+                "this MemoryState was donated to write(..., inplace=True) and its tensors now hold "
+                "the state that write returned: use that state instead"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -184,7 +201,8 @@ class MemoryState:
         device: torch.device | None = None,
         what: str = "memory state",
     ) -> None:
-        """Raise a clear error if this store was made for another layer or batch."""
+        """Raise a clear error if this store was made for another layer or batch (or was donated)."""
+        self.check_live()
         checks = [
             ("batch size", batch_size, self.batch_size),
             ("heads", heads, self.heads),
@@ -207,6 +225,7 @@ class MemoryState:
     # ------------------------------------------------------------------ value operations
     def replace(self, **changes: Tensor) -> "MemoryState":
         """A new state with some fields replaced (validated)."""
+        self.check_live()
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
         unknown = set(changes) - set(kwargs)
         _require(not unknown, f"unknown MemoryState fields {sorted(unknown)}")
@@ -214,6 +233,7 @@ class MemoryState:
         return MemoryState(**kwargs)
 
     def _map(self, fn) -> "MemoryState":
+        self.check_live()
         return MemoryState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     def detach(self) -> "MemoryState":
@@ -223,8 +243,16 @@ class MemoryState:
     def clone(self) -> "MemoryState":
         return self._map(Tensor.clone)
 
+    def is_contiguous(self) -> bool:
+        return all(getattr(self, f.name).is_contiguous() for f in fields(self))
+
+    def contiguous(self) -> "MemoryState":
+        """The same contents with every field contiguous (a copy of the fields that are not)."""
+        return self._map(Tensor.contiguous)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryState":
         """Move to ``device``; ``dtype`` converts keys and values, and metadata to ``metadata_dtype(dtype)``."""
+        self.check_live()
         if dtype is not None:
             _require(
                 isinstance(dtype, torch.dtype) and dtype.is_floating_point,
@@ -268,6 +296,7 @@ class MemoryState:
             f"index must be int64 or int32, got {index.dtype}",
             TypeError,
         )
+        self.check_live()
         index = index.to(self.device)
         if index.numel() and not torch.compiler.is_compiling():
             lo, hi = int(index.min()), int(index.max())
@@ -279,6 +308,7 @@ class MemoryState:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Tensor]:
+        self.check_live()
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod

@@ -9,7 +9,8 @@ overwrites the slot its eviction policy chooses:
 - ``strength``: the slot with the smallest write gate ``g`` (ties: the oldest);
 - ``usage``:    the slot with the smallest usage (ties: the oldest). A row's usage decays by
                 ``usage_decay`` once per write that stores anything in it; a new slot starts
-                at usage 1.
+                at usage 1. (Under the other policies usage is only set to 1 on written slots:
+                nothing reads it there, and decaying every slot would make each write O(capacity).)
 
 All policies are computed for the whole write at once, without loops over tokens or slots:
 when the row overflows, the survivors are the last written token plus the ``capacity - 1``
@@ -17,6 +18,15 @@ best of everything else (old slots and earlier tokens of this write), which is e
 evicting one minimum per token leaves behind. For ``strength``/``usage`` the surviving old
 slots stay in place and new tokens fill the freed slots in ascending order, so slot positions
 may differ from the token-by-token reference while the set of stored pairs is the same.
+
+Two ways to apply a write, with identical results:
+
+- out of place (default): a new store; the old one is untouched, so autograd and callers that
+  keep it see what they kept. Costs one copy of the whole store (O(capacity)).
+- in place (``inplace=True``, inference only): the rows are copied into the given store
+  (O(tokens written) for ``fifo``; ``strength``/``usage`` still scan the O(capacity) metadata to
+  choose victims), and the given state is *donated*: using it again raises. This is what makes
+  decoding with a large memory cheap; see :func:`write`.
 """
 
 from __future__ import annotations
@@ -86,6 +96,52 @@ def _scatter_rows(store: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
     return fresh[:, :, :m]
 
 
+def _check_inplace_allowed(state: MemoryState, keys: Tensor, values: Tensor, strength: Tensor) -> None:
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (keys, values, strength, state.keys, state.values, state.strength)
+    ):
+        raise RuntimeError(
+            "write(..., inplace=True) is for inference: autograd would need the overwritten slots. "
+            "Run it under torch.no_grad() / torch.inference_mode(), or use inplace=False"
+        )
+
+
+def _apply_in_place(
+    state: MemoryState,
+    dest: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    g: Tensor,
+    step_new: Tensor,
+    usage_old: Tensor,
+    n_written: Tensor,
+) -> MemoryState:
+    """Copy the surviving tokens' rows into ``state``'s tensors at ``dest`` (b h n; ``m`` = discard).
+
+    Work is O(b·h·n) rows plus one host sync (the number of survivors): the surviving tokens are
+    picked by a boolean mask so that ``index_copy_`` sees unique destinations only.
+    """
+    b, h, n, dk = keys.shape
+    m, dv = state.capacity, state.value_dim
+    target = state if state.is_contiguous() else state.contiguous()
+    if usage_old is not state.usage:  # the usage policy decays whole rows: O(capacity) metadata
+        target.usage.copy_(usage_old)
+    kept = (dest < m).flatten()  # (b*h*n)
+    src = kept.nonzero().squeeze(1)
+    slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten().index_select(0, src)
+    g_store = g.to(keys.dtype)[..., None]
+    target.keys.view(-1, dk).index_copy_(0, slot, (keys * g_store).reshape(-1, dk).index_select(0, src))
+    target.values.view(-1, dv).index_copy_(0, slot, (values * g_store).reshape(-1, dv).index_select(0, src))
+    target.valid.view(-1).index_fill_(0, slot, True)
+    target.strength.view(-1).index_copy_(0, slot, g.reshape(-1).index_select(0, src))
+    target.step.view(-1).index_copy_(0, slot, step_new[:, None, :].expand(b, h, n).reshape(-1).index_select(0, src))
+    target.usage.view(-1).index_fill_(0, slot, 1.0)
+    target.count.add_(n_written)
+    new = target.replace()
+    state._donate()  # after replace(): the new state must not inherit the mark
+    return new
+
+
 def write(
     state: MemoryState,
     keys: Tensor,
@@ -95,14 +151,24 @@ def write(
     mask: Tensor | None = None,
     eviction: str = "fifo",
     usage_decay: float = USAGE_DECAY,
+    inplace: bool = False,
 ) -> MemoryState:
-    """Write ``(g*k, g*v)`` for every (unmasked) token and head; returns a new state.
+    """Write ``(g*k, g*v)`` for every (unmasked) token and head; returns the new state.
 
     keys: (b h n dk), values: (b h n dv) in the state's dtype; strength ``g``: (b h n) float;
     mask: (b n) bool, True = write this token (default: all). Gradients flow to keys, values,
     strength and to the surviving slots of the old state.
+
+    ``inplace=True`` writes into ``state``'s own tensors instead of a copy and returns a state
+    sharing them; ``state`` is donated (reading or writing it again raises). It is for inference:
+    it raises if autograd would record the write. A store that is not contiguous (e.g. one made
+    by an out-of-place write) is made contiguous once first.
     """
     check_write_args(state, keys, values, strength, mask, eviction, usage_decay)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace:
+        _check_inplace_allowed(state, keys, values, strength)
     b, h, n, dk = keys.shape
     if n == 0:
         return state
@@ -113,8 +179,11 @@ def write(
     n_written = mask.long().sum(dim=1)  # (b,)
     step_new = state.count[:, None] + rank  # (b n)
     g = strength.to(state.strength.dtype)  # float32, or float64 for a float64 store
-    wrote = (n_written > 0)[:, None, None]
-    usage_old = torch.where(wrote, state.usage * usage_decay, state.usage)
+    if eviction == "usage":
+        wrote = (n_written > 0)[:, None, None]
+        usage_old = torch.where(wrote, state.usage * usage_decay, state.usage)
+    else:
+        usage_old = state.usage
 
     if eviction == "fifo":
         dest = _fifo_destinations(step_new, rank, mask, n_written, m)[:, None, :].expand(b, h, n)
@@ -122,6 +191,9 @@ def write(
         dest = _priority_destinations(state, state.strength, g, step_new, rank, mask, n_written)
     else:  # usage
         dest = _priority_destinations(state, usage_old, torch.ones_like(g), step_new, rank, mask, n_written)
+
+    if inplace:
+        return _apply_in_place(state, dest, keys, values, g, step_new, usage_old, n_written)
 
     # For each slot, the token that lands there (or -1); destinations are unique except the
     # discard column m, which is dropped.
