@@ -1,4 +1,4 @@
-"""Command line: ``python -m memgpt demo | train | eval`` (also installed as ``memgpt``)."""
+"""Command line: ``python -m memgpt demo | text | train | eval`` (also installed as ``memgpt``)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_demo(demo, args.out, progress=not args.quiet)
+    return 0
+
+
+def _text(args: argparse.Namespace) -> int:
+    from .textlm import TextConfig, run_text
+
+    cfg = TextConfig(eval_split=args.eval_split, eval_max_chars=args.eval_max_chars)
+    cfg.train.device, cfg.train.seed = args.device, args.seed
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.quick:  # seconds, for CI: a tiny model, a few steps, a few files; the numbers mean nothing
+        cfg.dim, cfg.depth, cfg.segments, cfg.memory_capacity = 32, 1, 4, 512
+        cfg.train.steps, cfg.train.batch_size = min(cfg.train.steps, 4), 2
+        cfg.eval_files, cfg.eval_max_chars, cfg.probe_count = 3, 1024, 4
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_text(cfg, args.out, progress=not args.quiet, reuse=args.reuse)
     return 0
 
 
@@ -90,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, not the result")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
+
+    x = sub.add_parser("text", help="character LM on CPython's stdlib: memory vs baseline, bits per character")
+    common(x)
+    x.add_argument("--out", default="out/text", help="folder for results.json, manifest.json, the plot, checkpoints")
+    x.add_argument("--steps", type=int, default=None, help="training steps per model (default 800)")
+    x.add_argument("--eval-split", choices=("test", "validation"), default="test")
+    x.add_argument("--eval-max-chars", type=int, default=16384, help="characters per file, from its start (0: all)")
+    x.add_argument("--reuse", action="store_true", help="evaluate OUT/text-*.pt when present instead of training")
+    x.add_argument("--quick", action="store_true", help="a tiny model, a few steps: checks the pipeline, not the result")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=_text)
 
     t = sub.add_parser("train", help="train one model on one task; writes OUT/TASK-MODEL.pt")
     common(t)

@@ -27,6 +27,7 @@ from torch import Tensor
 from .config import MemGPTConfig
 from .model import MemGPTModel
 from .tasks import IGNORE_INDEX, PasskeyTask, RecallTask, TaskBatch
+from .tasks.text_windows import TextWindowTask
 
 __all__ = ["TrainConfig", "ModelKind", "Trainer", "run_model", "evaluate", "resolve_device", "make_task", "lr_at"]
 
@@ -41,12 +42,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def make_task(name: str, **kwargs) -> RecallTask | PasskeyTask:
+def make_task(name: str, **kwargs) -> RecallTask | PasskeyTask | TextWindowTask:
     if name == "recall":
         return RecallTask(**kwargs)
     if name == "passkey":
         return PasskeyTask(**kwargs)
-    raise ValueError(f"unknown task {name!r}: expected 'recall' or 'passkey'")
+    if name == "text":
+        return TextWindowTask(**kwargs)
+    raise ValueError(f"unknown task {name!r}: expected 'recall', 'passkey' or 'text'")
 
 
 @dataclass
@@ -149,9 +152,13 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
+        # Text has no per-batch settings and reads its files once: build it once, not per batch.
+        self.fixed_task = make_task(task_name, **task_kwargs) if task_name == "text" else None
 
     def next_batch(self) -> TaskBatch:
         g = self.data_rng
+        if self.fixed_task is not None:
+            return self.fixed_task.sample(self.cfg.batch_size, g).to(self.device)
         kw = dict(self.task_kwargs)
         kw["distance"] = self.cfg.distances[int(torch.randint(len(self.cfg.distances), (1,), generator=g))]
         if self.task_name == "recall":
