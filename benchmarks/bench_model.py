@@ -197,12 +197,13 @@ def _compiled(make, args, device):
         try:
             fn(*args)
             sync(device)
-        except Exception as err:  # noqa: BLE001 - report why fullgraph failed, then try without
+        except Exception as err:  # noqa: BLE001 - report why, then try without fullgraph
+            why = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
             if not fullgraph:
-                raise
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                return None, None, f"compile failed ({why}); fullgraph: {reason}"
+            reason = why
             continue
-        return fn, time.perf_counter() - start, "fullgraph" if fullgraph else f"graph breaks ({reason})"
+        return fn, time.perf_counter() - start, "fullgraph" if fullgraph else f"graph breaks (fullgraph: {reason})"
 
 
 def bench_compile(quick: bool, device, gen, run_time: float) -> list[dict]:
@@ -227,13 +228,14 @@ def bench_compile(quick: bool, device, gen, run_time: float) -> list[dict]:
         eager = make(lambda f: f)
         eager_out = eager(*args)
         compiled, compile_s, mode = _compiled(make, args, device)
-        torch.testing.assert_close(compiled(*args), eager_out, rtol=1e-4, atol=1e-4)
         t_eager = measure(lambda: eager(*args), "eager", min_run_time=run_time).median
-        t_comp = measure(lambda: compiled(*args), "compiled", min_run_time=run_time).median
-        print(f"  {name}: eager {t_eager * 1e3:.2f} ms, compiled {t_comp * 1e3:.2f} ms, compile {compile_s:.1f} s",
-              flush=True)
-        rows.append(dict(name=name, eager_ms=t_eager * 1e3, compiled_ms=t_comp * 1e3, speedup=t_eager / t_comp,
-                         compile_s=compile_s, mode=mode))
+        row = dict(name=name, eager_ms=t_eager * 1e3, compiled_ms=None, speedup=None, compile_s=compile_s, mode=mode)
+        if compiled is not None:
+            torch.testing.assert_close(compiled(*args), eager_out, rtol=1e-4, atol=1e-4)
+            t_comp = measure(lambda: compiled(*args), "compiled", min_run_time=run_time).median
+            row.update(compiled_ms=t_comp * 1e3, speedup=t_eager / t_comp)
+        print(f"  {name}: {row}", flush=True)
+        rows.append(row)
     torch._dynamo.reset()
     return rows
 
@@ -244,7 +246,9 @@ def block_case(device, gen):
     layer = MemoryLayer(dim, heads=heads, capacity=m)
     block = MemGPTBlock(dim, heads, layer).to(device)
     state = BlockState(_full_state(b, heads, m, layer.reader.key_dim, device, gen))
-    x = torch.randn(b, n, dim, generator=gen).to(device).requires_grad_()
+    # x needs no gradient: with one, the compiled block fails on torch 2.13 when a state is passed in
+    # (aot_autograd replays the write's view outputs with garbage sizes; see benchmarks/RESULTS.md).
+    x = torch.randn(b, n, dim, generator=gen).to(device)
     params = list(block.parameters())
 
     def make(transform):
@@ -252,7 +256,7 @@ def block_case(device, gen):
 
         def fwd_bwd(x, state):
             y, _ = module(x, state)
-            grads = torch.autograd.grad(y.square().mean(), [x, *params], allow_unused=True)
+            grads = torch.autograd.grad(y.square().mean(), params, allow_unused=True)
             return y.detach(), grads[0]
 
         return fwd_bwd
