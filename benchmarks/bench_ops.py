@@ -7,16 +7,22 @@ capacity m in {1k, 4k, 16k, 64k}. Reported, all as same-run ratios:
   the read's shapes into preallocated outputs), plus the naive read (matmul, mask, softmax,
   matmul) for scale;
 - top-k read (k = 32): its time over the full read's;
-- write of n tokens: its time over a contiguous copy of the written bytes, and the time at m
-  over the time at the smallest m (capacity independence).
+- write of n tokens, out of place (training: autograd through memory) and in place (inference,
+  ``write(..., inplace=True)``): its time over a contiguous copy of the written bytes, and the
+  time at m over the time at the smallest m (capacity independence);
+- ``--huge``: the top-k read at m = 1,048,576 slots (B=1, H=8, n=256, d=64) in a fresh
+  subprocess, its time and its peak extra resident memory above the store itself.
 
     python benchmarks/bench_ops.py            # the full table (minutes)
     python benchmarks/bench_ops.py --quick    # m = 1k only, short timings (CI: never asserts speed)
+    python benchmarks/bench_ops.py --huge     # also the 1M-slot top-k peak-memory check (~1 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import torch
 
@@ -48,6 +54,59 @@ def check_correct(gen: torch.Generator) -> None:
     fast, slow = write(small, k, v, g), reference.write(small, k, v, g)
     torch.testing.assert_close(fast.keys, slow.keys)
     torch.testing.assert_close(fast.values, slow.values)
+    with torch.no_grad():
+        in_place = write(small.clone(), k, v, g, inplace=True)
+    torch.testing.assert_close(in_place.keys, slow.keys, rtol=0, atol=0)
+
+
+def in_place_writer(state: MemoryState, keys, values, g):
+    """A callable that writes in place again and again (each call donates the previous state)."""
+    holder = [state.clone()]
+
+    def step():
+        with torch.no_grad():
+            holder[0] = write(holder[0], keys, values, g, inplace=True)
+
+    return step
+
+
+def _rss_field(name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])  # KiB
+    raise RuntimeError(f"{name} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux clear_refs "5") and return the current RSS in KiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_field("VmRSS")
+
+
+def _peak_rss() -> int:
+    return _rss_field("VmHWM")
+
+
+def huge_top_k(m: int = 1 << 20) -> None:
+    """Top-k read at a million slots: time and peak extra resident memory (run in a fresh process)."""
+    B, H, n, d, k = 1, 8, 256, 64, 32
+    gen = torch.Generator().manual_seed(0)
+    state = full_state(B, H, m, d, gen)
+    q = torch.randn(B, H, n, d, generator=gen)
+    read(q[:, :, :1], state, top_k=k)  # warm up the allocator on small shapes
+    base = _reset_peak_rss()
+    timing = measure(lambda: read(q, state, top_k=k), "top-k @1M", min_run_time=2.0)
+    peak = _peak_rss() - base
+    store_mib = (state.keys.numel() + state.values.numel()) * 4 / 2**20
+    scores_mib = B * H * n * m * 4 / 2**20
+    print(
+        f"top-k read at m={m:,} (B={B} H={H} n={n} d={d} k={k}): {timing.median * 1e3:.0f} ms; "
+        f"peak extra resident memory {peak / 1024:.0f} MiB (store {store_mib:.0f} MiB; a materialised "
+        f"score matrix would be {scores_mib:.0f} MiB; goal < 256 MiB)",
+        flush=True,
+    )
 
 
 def naive_read(q, state, scale):
@@ -59,7 +118,12 @@ def naive_read(q, state, scale):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--huge", action="store_true", help="also the top-k read at m = 1M (fresh process)")
+    parser.add_argument("--huge-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.huge_only:
+        huge_top_k()
+        return
     B, H, n, d, k = 8, 8, 256, 64, 32
     capacities = [1024] if args.quick else [1024, 4096, 16384, 65536]
     run_time = 0.2 if args.quick else 1.0
@@ -69,11 +133,11 @@ def main() -> None:
     print(f"B={B} H={H} n={n} d={d} fp32; top-k k={k}; ratios are same-run")
     header = (
         f"{'m':>6} | {'roofline GF/s':>13} | {'read GF/s':>9} {'÷roof':>6} | {'naive ÷roof':>11} | "
-        f"{'top-k ÷ full':>12} | {'write ms':>8} {'÷copy':>7} {'÷write@1k':>9}"
+        f"{'top-k ÷ full':>12} | {'write ms':>8} {'÷copy':>7} {'÷@1k':>6} | {'in-place ms':>11} {'÷copy':>6} {'÷@1k':>6}"
     )
     print(header)
     print("-" * len(header))
-    write_base = None
+    write_base = inplace_base = None
     for m in capacities:
         state = full_state(B, H, m, d, gen)
         q = torch.randn(B, H, n, d, generator=gen)
@@ -93,18 +157,23 @@ def main() -> None:
         keys, values = torch.randn(B, H, n, d, generator=gen), torch.randn(B, H, n, d, generator=gen)
         g = torch.rand(B, H, n, generator=gen)
         t_write = measure(lambda: write(state, keys, values, g), "write", min_run_time=run_time).median
+        t_inplace = measure(in_place_writer(state, keys, values, g), "write in place", min_run_time=run_time).median
         src = torch.randn(2 * B * H * n * d)
         dst = torch.empty_like(src)
         t_copy = measure(lambda: dst.copy_(src), "copy", min_run_time=run_time).median
         write_base = write_base or t_write
+        inplace_base = inplace_base or t_inplace
         roof = flops / t_roof / 1e9
         print(
             f"{m:>6} | {roof:>13.1f} | {flops / t_read / 1e9:>9.1f} {t_roof / t_read:>6.2f} | "
             f"{t_roof / t_naive:>11.2f} | {t_topk / t_read:>12.2f} | {t_write * 1e3:>8.2f} "
-            f"{t_write / t_copy:>7.0f} {t_write / write_base:>9.2f}",
+            f"{t_write / t_copy:>7.0f} {t_write / write_base:>6.1f} | {t_inplace * 1e3:>11.3f} "
+            f"{t_inplace / t_copy:>6.2f} {t_inplace / inplace_base:>6.2f}",
             flush=True,
         )
         del state, kt, s_out
+    if args.huge:  # a fresh process, so that its peak resident memory is this read's alone
+        subprocess.run([sys.executable, __file__, "--huge-only"], check=True)
 
 
 if __name__ == "__main__":

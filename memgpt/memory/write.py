@@ -128,13 +128,19 @@ def _apply_in_place(
         target.usage.copy_(usage_old)
     kept = (dest < m).flatten()  # (b*h*n)
     src = kept.nonzero().squeeze(1)
-    slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten().index_select(0, src)
+    slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten()
+    every = src.numel() == kept.numel()  # the common case (no padding, no overflow): no selection pass
+
+    def pick(t: Tensor) -> Tensor:
+        return t if every else t.index_select(0, src)
+
+    slot = pick(slot)
     g_store = g.to(keys.dtype)[..., None]
-    target.keys.view(-1, dk).index_copy_(0, slot, (keys * g_store).reshape(-1, dk).index_select(0, src))
-    target.values.view(-1, dv).index_copy_(0, slot, (values * g_store).reshape(-1, dv).index_select(0, src))
+    target.keys.view(-1, dk).index_copy_(0, slot, pick((keys * g_store).reshape(-1, dk)))
+    target.values.view(-1, dv).index_copy_(0, slot, pick((values * g_store).reshape(-1, dv)))
     target.valid.view(-1).index_fill_(0, slot, True)
-    target.strength.view(-1).index_copy_(0, slot, g.reshape(-1).index_select(0, src))
-    target.step.view(-1).index_copy_(0, slot, step_new[:, None, :].expand(b, h, n).reshape(-1).index_select(0, src))
+    target.strength.view(-1).index_copy_(0, slot, pick(g.reshape(-1)))
+    target.step.view(-1).index_copy_(0, slot, pick(step_new[:, None, :].expand(b, h, n).reshape(-1)))
     target.usage.view(-1).index_fill_(0, slot, 1.0)
     target.count.add_(n_written)
     new = target.replace()

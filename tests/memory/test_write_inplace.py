@@ -135,3 +135,15 @@ def test_inplace_under_inference_mode():
             state = write(state, k, v, g, mask=mask, inplace=True)
             expected = write(expected, k, v, g, mask=mask)
         assert_identical(state, expected)
+
+
+def test_inplace_accepts_permuted_inputs():
+    """Writer outputs are often views (b n h d -> b h n d); the in-place path must not assume layout."""
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 5, 3, 4, generator=gen).transpose(1, 2)  # (b h n d), not contiguous
+    v = torch.randn(2, 5, 3, 4, generator=gen).transpose(1, 2)
+    g = torch.rand(2, 5, 3, generator=gen).transpose(1, 2)
+    expected = write(MemoryState.empty(2, 3, 4, 4, 4), k, v, g)
+    with torch.no_grad():
+        actual = write(MemoryState.empty(2, 3, 4, 4, 4), k, v, g, inplace=True)
+    assert_identical(actual, expected)
