@@ -149,45 +149,42 @@ class MemoryState:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Check ranks, shapes, dtypes and devices of all fields; raise ValueError/TypeError."""
-        for f in fields(self):
-            _require(
-                isinstance(getattr(self, f.name), Tensor),
-                f"MemoryState.{f.name} must be a Tensor, got {type(getattr(self, f.name)).__name__}",
-                TypeError,
-            )
-        _require(self.keys.dim() == 4, f"keys must be (b h m dk), got shape {tuple(self.keys.shape)}")
-        b, h, m, _ = self.keys.shape
-        _require(m >= 1, f"capacity must be >= 1, got {m}")
-        _require(
-            self.values.dim() == 4 and tuple(self.values.shape[:3]) == (b, h, m),
-            f"values must be (b h m dv) = ({b}, {h}, {m}, dv), got shape {tuple(self.values.shape)}",
-        )
-        _require(
-            self.keys.dtype.is_floating_point and self.values.dtype == self.keys.dtype,
-            f"keys and values must share a floating dtype, got {self.keys.dtype} and {self.values.dtype}",
-            TypeError,
-        )
-        meta = metadata_dtype(self.keys.dtype)
-        expected = {"valid": torch.bool, "strength": meta, "step": torch.long, "usage": meta}
-        for name, dt in expected.items():
+        """Check ranks, shapes, dtypes and devices of all fields; raise ValueError/TypeError.
+
+        Runs on every construction (decoding builds a few states per token), so the checks are
+        plain comparisons and a message is only formatted when a check fails.
+        """
+        names = [f.name for f in fields(self)]
+        tensors = [getattr(self, name) for name in names]
+        for name, t in zip(names, tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"MemoryState.{name} must be a Tensor, got {type(t).__name__}")
+        keys, values = self.keys, self.values
+        if keys.dim() != 4:
+            raise ValueError(f"keys must be (b h m dk), got shape {tuple(keys.shape)}")
+        b, h, m, _ = keys.shape
+        if m < 1:
+            raise ValueError(f"capacity must be >= 1, got {m}")
+        if values.dim() != 4 or values.shape[:3] != keys.shape[:3]:
+            raise ValueError(f"values must be (b h m dv) = ({b}, {h}, {m}, dv), got shape {tuple(values.shape)}")
+        if not keys.dtype.is_floating_point or values.dtype != keys.dtype:
+            raise TypeError(f"keys and values must share a floating dtype, got {keys.dtype} and {values.dtype}")
+        meta = metadata_dtype(keys.dtype)
+        slot_shape = keys.shape[:3]
+        for name, dt in (("valid", torch.bool), ("strength", meta), ("step", torch.long), ("usage", meta)):
             t = getattr(self, name)
-            _require(
-                tuple(t.shape) == (b, h, m),
-                f"{name} must be (b h m) = ({b}, {h}, {m}), got shape {tuple(t.shape)}",
-            )
-            _require(t.dtype == dt, f"{name} must have dtype {dt}, got {t.dtype}", TypeError)
-        _require(
-            tuple(self.count.shape) == (b,),
-            f"count must be (b,) = ({b},), got shape {tuple(self.count.shape)}",
-        )
-        _require(self.count.dtype == torch.long, f"count must be int64, got {self.count.dtype}", TypeError)
-        for f in fields(self):
-            t = getattr(self, f.name)
-            _require(
-                t.device == self.keys.device,
-                f"all fields must be on one device: keys on {self.keys.device}, {f.name} on {t.device}",
-            )
+            if t.shape != slot_shape:
+                raise ValueError(f"{name} must be (b h m) = ({b}, {h}, {m}), got shape {tuple(t.shape)}")
+            if t.dtype != dt:
+                raise TypeError(f"{name} must have dtype {dt}, got {t.dtype}")
+        if self.count.shape != keys.shape[:1]:
+            raise ValueError(f"count must be (b,) = ({b},), got shape {tuple(self.count.shape)}")
+        if self.count.dtype != torch.long:
+            raise TypeError(f"count must be int64, got {self.count.dtype}")
+        device = keys.device
+        for name, t in zip(names, tensors):
+            if t.device != device:
+                raise ValueError(f"all fields must be on one device: keys on {device}, {name} on {t.device}")
 
     def check_compatible(
         self,
