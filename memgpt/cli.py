@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import init_from_env, shutdown, world
 from .train import MODEL_KINDS, TrainConfig, Trainer, evaluate, load_checkpoint, make_task, resolve_device
 
 __all__ = ["main"]
@@ -44,16 +45,28 @@ def _text(args: argparse.Namespace) -> int:
         cfg.eval_files, cfg.eval_max_chars, cfg.probe_count = 3, 1024, 4
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_text(cfg, args.out, progress=not args.quiet, reuse=args.reuse)
+    run_text(cfg, args.out, progress=not args.quiet, reuse=args.reuse, only=args.only)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA, one GPU per rank); the
+    # Trainer then trains with DDP. A group the caller set up is left to the caller to end.
+    ours = world().size == 1
+    rank, device = init_from_env(resolve_device(args.device))
+    try:
+        return _train_on(args, str(device), rank.is_main)
+    finally:
+        if ours:
+            shutdown()
+
+
+def _train_on(args: argparse.Namespace, device: str, is_main: bool) -> int:
     ckpt = Path(args.out) / f"{args.task}-{args.model}.pt"
     if args.resume:
-        trainer = Trainer.load(args.resume, device=args.device)
+        trainer = Trainer.load(args.resume, device=device)
         if args.steps is not None:
             trainer.cfg.steps = args.steps
     else:
@@ -61,17 +74,18 @@ def _train(args: argparse.Namespace) -> int:
 
         demo = DemoConfig(dim=args.dim, depth=args.depth, segment_len=args.segment_len)
         cfg = TrainConfig(
-            steps=args.steps or 800, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+            steps=args.steps or 800, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
             autocast_bf16=args.bf16, distances=tuple(args.distances), checkpoint_every=args.checkpoint_every,
         )
         demo.train = cfg
         task_kwargs = {"segment_len": args.segment_len}
         vocab = make_task(args.task, **task_kwargs).vocab_size
         torch.manual_seed(args.seed)
-        model = build_model(args.model, demo, vocab).to(resolve_device(args.device))
+        model = build_model(args.model, demo, vocab).to(device)
         trainer = Trainer(model, args.model, args.task, task_kwargs, cfg)
     trainer.fit(checkpoint=ckpt)
-    print(f"saved {ckpt} (step {trainer.step})")
+    if is_main:
+        print(f"saved {ckpt} (step {trainer.step})")
     return 0
 
 
@@ -111,21 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("text", help="character LM on CPython's stdlib: memory vs baseline, bits per character")
     common(x)
     x.add_argument("--out", default="out/text", help="folder for results.json, manifest.json, the plot, checkpoints")
-    x.add_argument("--steps", type=int, default=None, help="training steps per model (default 800)")
+    x.add_argument("--steps", type=int, default=None, help="training steps per model (default 1500)")
     x.add_argument("--eval-split", choices=("test", "validation"), default="test")
-    x.add_argument("--eval-max-chars", type=int, default=16384, help="characters per file, from its start (0: all)")
+    x.add_argument("--eval-max-chars", type=int, default=0, help="characters per file, from its start (0: all)")
+    x.add_argument("--only", choices=("memory", "baseline"), default=None,
+                   help="train this model only and stop (train the two at once, then evaluate with --reuse)")
     x.add_argument("--reuse", action="store_true", help="evaluate OUT/text-*.pt when present instead of training")
     x.add_argument("--quick", action="store_true", help="a tiny model, a few steps: checks the pipeline, not the result")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.set_defaults(func=_text)
 
-    t = sub.add_parser("train", help="train one model on one task; writes OUT/TASK-MODEL.pt")
+    t = sub.add_parser(
+        "train", help="train one model on one task; writes OUT/TASK-MODEL.pt (DDP under `torchrun -m memgpt train`)"
+    )
     common(t)
     t.add_argument("--task", choices=("recall", "passkey"), default="recall")
     t.add_argument("--model", choices=MODEL_KINDS, default="memory")
     t.add_argument("--out", default="out/train")
     t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int, default=32, help="the global batch (split over torchrun's ranks)")
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--dim", type=int, default=64)
     t.add_argument("--depth", type=int, default=2)

@@ -95,9 +95,9 @@ def test_tiny_training_run(tmp_path):
     cfg.eval_split = "train"  # the tiny tree has one test file; the probe needs two
     r = run_text(cfg, tmp_path / "out", progress=False)
     for kind in ("memory", "baseline"):
-        assert r["steps"][kind] == 40
+        assert r["training"][kind]["steps"] == 40
         assert r[kind]["overall"] < math.log2(98)  # better than uniform after training
-        assert r["steps"][f"{kind}_final_train_bpc"] < math.log2(98) - 1.5  # uniform is 6.6 bits
+        assert r["training"][kind]["final_train_bpc"] < math.log2(98) - 1.5  # uniform is 6.6 bits
     assert set(r["memory"]) >= {"overall", "far_copyable", "copy_probe", "copy_probe_ablation"}
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["memory"] == pytest.approx(r["memory"])
