@@ -16,20 +16,35 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import MemGPTConfig
+from .distributed import all_reduce_sum, world
 from .model import MemGPTModel
+from .model_state import MemGPTState
 from .tasks import IGNORE_INDEX, PasskeyTask, RecallTask, TaskBatch
 from .tasks.text_windows import TextWindowTask
 
-__all__ = ["TrainConfig", "ModelKind", "Trainer", "run_model", "evaluate", "resolve_device", "make_task", "lr_at"]
+__all__ = [
+    "TrainConfig",
+    "ModelKind",
+    "Trainer",
+    "TaskLoss",
+    "backward_pass",
+    "run_model",
+    "evaluate",
+    "resolve_device",
+    "make_task",
+    "lr_at",
+]
 
 ModelKind = Literal["memory", "baseline", "oracle"]
 MODEL_KINDS = ("memory", "baseline", "oracle")
@@ -83,48 +98,112 @@ def _loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def _logits(
+    model: MemGPTModel, kind: str, ids: Tensor, segment_len: int, state: MemGPTState | None = None
+) -> tuple[Tensor, MemGPTState | None]:
+    """Logits (b n vocab) of ``model`` run as ``kind`` on ids (b n), and the memory kind's new state."""
+    if kind == "baseline":
+        chunks = [model(ids[:, s : s + segment_len]).logits for s in range(0, ids.shape[1], segment_len)]
+        return torch.cat(chunks, dim=1), None
+    if kind == "oracle":
+        return model(ids).logits, None
+    if kind == "memory":
+        out = model(ids, state)
+        return out.logits, out.state
+    raise ValueError(f"unknown model kind {kind!r}: expected one of {MODEL_KINDS}")
+
+
+class TaskLoss(nn.Module):
+    """The training loss of ``model`` run as ``kind``, as one module call.
+
+    ``loss, logits, state = task_loss(input_ids (b n), targets (b n), segment_len, state=None,
+    denominator=None)``: the cross-entropy summed over the answer positions and divided by
+    ``denominator`` (default: their number, i.e. the mean). ``logits`` (b n vocab) and the new
+    ``state`` (memory kind; else None) come back detached: the loss is the only output with a
+    graph. That is what DistributedDataParallel needs: one forward per backward, and exactly the
+    parameters the loss uses reachable from the outputs. ``state`` continues a stream (truncated
+    BPTT windows; memory kind only).
+    """
+
+    def __init__(self, model: MemGPTModel, kind: str) -> None:
+        super().__init__()
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"unknown model kind {kind!r}: expected one of {MODEL_KINDS}")
+        self.model, self.kind = model, kind
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor,
+        segment_len: int,
+        state: MemGPTState | None = None,
+        denominator: float | None = None,
+    ) -> tuple[Tensor, Tensor, MemGPTState | None]:
+        if state is not None and self.kind != "memory":
+            raise ValueError(f"only the memory kind carries a state between calls, got kind {self.kind!r}")
+        logits, state = _logits(self.model, self.kind, input_ids, segment_len, state)
+        if denominator is None:
+            loss = _loss(logits, targets)
+        else:
+            flat = logits.float().flatten(0, 1)
+            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / denominator
+        return loss, logits.detach(), None if state is None else state.detach()
+
+
+def backward_pass(
+    task_loss: TaskLoss | DistributedDataParallel,
+    batch: TaskBatch,
+    *,
+    bptt_segments: int | None = None,
+    denominator: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Back-propagate ``task_loss`` on ``batch``; returns logits (b L vocab) and the loss, detached.
+
+    In one piece, or (memory kind, ``bptt_segments``) window by window with the state detached
+    between windows (truncated BPTT). Under DDP the gradients accumulate locally over the windows
+    (``no_sync``) and are averaged over ranks once, in the last window's backward.
+    """
+    ids, targets, T = batch.input_ids, batch.targets, batch.segment_len
+    inner = task_loss.module if isinstance(task_loss, DistributedDataParallel) else task_loss
+    if bptt_segments is None or inner.kind != "memory":
+        loss, logits, _ = task_loss(ids, targets, T, None, denominator)
+        loss.backward()
+        return logits, loss.detach()
+    if denominator is None:
+        denominator = int((targets != IGNORE_INDEX).sum())
+    window = bptt_segments * T
+    starts = range(0, ids.shape[1], window)
+    state, pieces, total = None, [], torch.zeros((), device=ids.device)
+    for s in starts:
+        last = s == starts[-1]
+        sync = task_loss.no_sync() if isinstance(task_loss, DistributedDataParallel) and not last else nullcontext()
+        with sync:
+            window_ids, window_targets = ids[:, s : s + window], targets[:, s : s + window]
+            part, logits, state = task_loss(window_ids, window_targets, T, state, max(denominator, 1))
+            if denominator:
+                part.backward()
+        total = total + part.detach()
+        pieces.append(logits)  # the state came back detached: the next window starts a new graph
+    return torch.cat(pieces, dim=1), total
+
+
 def run_model(
     model: MemGPTModel, kind: str, batch: TaskBatch, *, ablate: bool = False, bptt_segments: int | None = None,
     backward: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits (b L vocab) of ``model`` on ``batch`` run as ``kind``; with ``backward``, the loss is
     back-propagated (chunk by chunk under truncated BPTT) and returned detached."""
+    if backward:
+        if ablate:
+            raise ValueError("ablate=True is an evaluation mode; it cannot be combined with backward=True")
+        return backward_pass(TaskLoss(model, kind), batch, bptt_segments=bptt_segments)
     ids, T = batch.input_ids, batch.segment_len
-    if kind == "baseline":
-        chunks = [model(ids[:, s : s + T]).logits for s in range(0, ids.shape[1], T)]
-        logits = torch.cat(chunks, dim=1)
-    elif kind == "oracle":
-        logits = model(ids).logits
-    elif kind == "memory" and ablate:
+    if kind == "memory" and ablate:
         q0 = batch.query_segment * T
         state = model(ids[:, :q0]).state
         rest = model(ids[:, q0:], state.clear_memory()).logits
-        logits = torch.cat([torch.zeros(ids.shape[0], q0, rest.shape[-1], dtype=rest.dtype, device=rest.device), rest], 1)
-    elif kind == "memory" and bptt_segments is not None and backward:
-        window = bptt_segments * T
-        state, pieces, total = None, [], torch.zeros((), device=ids.device)
-        n_answers = int((batch.targets != IGNORE_INDEX).sum())
-        for s in range(0, ids.shape[1], window):
-            out = model(ids[:, s : s + window], state)
-            tgt = batch.targets[:, s : s + window]
-            part = F.cross_entropy(
-                out.logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            if n_answers:
-                (part / n_answers).backward()
-            total = total + part.detach()
-            pieces.append(out.logits.detach())
-            state = out.state.detach()  # truncated BPTT: the next window starts a new graph
-        return torch.cat(pieces, dim=1), total / max(n_answers, 1)
-    elif kind == "memory":
-        logits = model(ids).logits
-    else:
-        raise ValueError(f"unknown model kind {kind!r}: expected one of {MODEL_KINDS}")
-    if not backward:
-        return logits, None
-    loss = _loss(logits, batch.targets)
-    loss.backward()
-    return logits.detach(), loss.detach()
+        return torch.cat([rest.new_zeros(ids.shape[0], q0, rest.shape[-1]), rest], 1), None
+    return _logits(model, kind, ids, T)[0], None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -140,6 +219,12 @@ class Trainer:
 
     The data stream is a ``torch.Generator`` seeded by ``cfg.seed``; a checkpoint stores the
     model, the optimiser, both RNG states and the step, so a resumed run continues identically.
+
+    Under ``torchrun`` (a process group initialised, see :mod:`memgpt.distributed`) the loss
+    module is wrapped in DistributedDataParallel. ``cfg.batch_size`` is the *global* batch: every
+    rank draws it from the same data stream and trains on its own slice of rows, with the loss
+    normalised by the global number of answer tokens, so the gradient DDP averages is exactly the
+    single-process gradient on the whole batch. Only rank 0 prints and writes checkpoints.
     """
 
     def __init__(self, model: MemGPTModel, kind: str, task_name: str, task_kwargs: dict, cfg: TrainConfig) -> None:
@@ -149,6 +234,24 @@ class Trainer:
         self.task_name, self.task_kwargs = task_name, dict(task_kwargs)
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.world = world()
+        if cfg.batch_size % self.world.size:
+            raise ValueError(
+                f"batch_size is the global batch and must be divisible by the {self.world.size} ranks, "
+                f"got {cfg.batch_size}"
+            )
+        task_loss = TaskLoss(model, kind)
+        # find_unused_parameters: some runs never use some parameters (the baseline and the oracle
+        # never read what the writer wrote; nor does a one-segment BPTT window).
+        self.task_loss = (
+            DistributedDataParallel(
+                task_loss,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+            if self.world.size > 1
+            else task_loss
+        )
         self.data_rng = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
@@ -165,27 +268,51 @@ class Trainer:
             kw["num_pairs"] = self.cfg.num_pairs[int(torch.randint(len(self.cfg.num_pairs), (1,), generator=g))]
         return make_task(self.task_name, **kw).sample(self.cfg.batch_size, g).to(self.device)
 
+    def local_rows(self, batch: TaskBatch) -> TaskBatch:
+        """This rank's slice of the global ``batch`` (all of it without a process group)."""
+        if self.world.size == 1:
+            return batch
+        n = batch.input_ids.shape[0] // self.world.size
+        rows = slice(self.world.rank * n, (self.world.rank + 1) * n)
+        return replace(batch, input_ids=batch.input_ids[rows], targets=batch.targets[rows])
+
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
         model.train()
-        batch = self.next_batch()
+        batch = self.next_batch()  # the global batch, the same on every rank
+        local = self.local_rows(batch)
+        # DDP averages the ranks' gradients; dividing each rank's summed loss by (global answers /
+        # ranks) makes that average the gradient of the mean loss over the whole global batch.
+        denominator = None
+        if self.world.size > 1:
+            denominator = max(int((batch.targets != IGNORE_INDEX).sum()), 1) / self.world.size
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            logits, loss = run_model(model, self.kind, batch, bptt_segments=cfg.bptt_segments, backward=True)
+            logits, loss = backward_pass(
+                self.task_loss, local, bptt_segments=cfg.bptt_segments, denominator=denominator
+            )
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
-        correct, total = answer_accuracy(logits, batch.targets)
-        return {"step": self.step, "loss": float(loss), "acc": correct / max(total, 1), "tokens": batch.input_ids.numel()}
+        correct, total = answer_accuracy(logits, local.targets)
+        loss, correct, total = all_reduce_sum([float(loss), correct, total], self.device)
+        return {
+            "step": self.step,
+            "loss": loss / self.world.size,
+            "acc": correct / max(total, 1),
+            "tokens": batch.input_ids.numel(),
+        }
 
     def fit(
         self, *, until: int | None = None, checkpoint: str | Path | None = None, progress: bool = True
     ) -> list[dict]:
         """Train from the current step up to ``until`` (default ``cfg.steps``, which also sets the
-        learning-rate schedule); returns the per-step records."""
+        learning-rate schedule); returns the per-step records. Under DDP only rank 0 prints and
+        writes the checkpoint (the ranks' models are identical)."""
         until = self.cfg.steps if until is None else min(until, self.cfg.steps)
+        progress, checkpoint = (progress, checkpoint) if self.world.is_main else (False, None)
         start, tokens = time.perf_counter(), 0
         while self.step < until:
             rec = self.train_step()

@@ -77,9 +77,9 @@ def redigest(path):
 # ---------------------------------------------------------------- round trip and header
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_round_trip_is_exact_and_continues_identically(tmp_path, dtype):
-    model = make_model(memory_heads=2, eviction="strength").to(dtype)
-    x = ids(2, 23, seed=1)
+def test_round_trip_is_exact_and_continues_identically(tmp_path, dtype, device):
+    model = make_model(memory_heads=2, eviction="strength").to(device, dtype)
+    x = ids(2, 23, seed=1).to(device)
     head = model(x[:, :13])  # 2 segments written, a partial third one in the buffer
     expected = model(x[:, 13:], head.state).logits
     path = tmp_path / "s.safetensors"
@@ -87,8 +87,9 @@ def test_round_trip_is_exact_and_continues_identically(tmp_path, dtype):
     loaded = MemGPTState.load(path, model)
     assert_same_state(head.state, loaded)
     assert torch.equal(model(x[:, 13:], loaded).logits, expected)
-    assert_same_state(MemGPTState.load(path), loaded)  # the model only adds checks
-    assert_same_state(MemGPTState.load(path, model.config), loaded)
+    assert loaded.position.device == model.token_emb.weight.device  # the model's device by default
+    assert_same_state(MemGPTState.load(path, map_location=device), loaded)  # the model only adds checks
+    assert_same_state(MemGPTState.load(path, model.config, map_location=device), loaded)
 
 
 def test_header_records_shapes_dtype_capacity_policy_and_version(saved):
