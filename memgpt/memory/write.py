@@ -83,17 +83,21 @@ def _priority_destinations(
     return torch.where(survive_new, target, torch.full_like(target, m))
 
 
-def _scatter_rows(store: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
-    """A new (b h m d) store: ``store`` with ``rows`` (b h n d) written at slots ``dest`` (b h n).
+def _scatter_rows(store: Tensor, hit: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
+    """A new, contiguous (b h m d) store: ``store`` with ``rows`` (b h n d) written at ``dest`` (b h n).
 
-    One copy of the store (memcpy speed) plus an O(n) scatter into it; tokens sent to the discard
-    slot ``m`` land in an extra row that the returned view leaves out. The scatter is in place on
-    the fresh copy only, so the caller's ``store`` and autograd's saved tensors never change.
+    ``hit`` (b h m) marks the slots some token lands in; tokens sent to the discard slot ``m``
+    are redirected to slot ``m - 1`` with their row zeroed. One pass copies the store while
+    clearing the hit slots (memcpy speed), then an O(n) ``scatter_add_`` fills them: each hit
+    slot receives exactly one non-zero row, the discarded tokens add exact zeros, so the result
+    does not depend on the order of the additions. The caller's ``store`` and autograd's saved
+    tensors never change, and the result is not a view (torch.compile's autograd needs that).
     """
-    b, h, m, d = store.shape
-    fresh = torch.cat([store, store.new_zeros(b, h, 1, d)], dim=2)  # (b h m+1 d)
-    fresh.scatter_(2, dest[..., None].expand(*dest.shape, d), rows)
-    return fresh[:, :, :m]
+    m, d = store.shape[2], store.shape[3]
+    keep = dest < m
+    fresh = store.masked_fill(hit[..., None], 0)
+    rows = rows * keep[..., None].to(rows.dtype)
+    return fresh.scatter_add_(2, dest.clamp_max(m - 1)[..., None].expand(*dest.shape, d), rows)
 
 
 def _check_inplace_allowed(state: MemoryState, keys: Tensor, values: Tensor, strength: Tensor) -> None:
@@ -211,8 +215,8 @@ def write(
 
     g_store = g.to(keys.dtype)[..., None]
     return MemoryState(
-        keys=_scatter_rows(state.keys, dest, keys * g_store),
-        values=_scatter_rows(state.values, dest, values * g_store),
+        keys=_scatter_rows(state.keys, hit, dest, keys * g_store),
+        values=_scatter_rows(state.values, hit, dest, values * g_store),
         valid=state.valid | hit,
         strength=torch.where(hit, g.gather(2, src), state.strength),
         step=torch.where(hit, step_new[:, None, :].expand(b, h, n).gather(2, src), state.step),

@@ -72,10 +72,12 @@ def test_inplace_writes_into_the_given_tensors_and_touches_only_written_rows():
 
 
 def test_non_contiguous_store_is_made_contiguous_once():
-    """An out-of-place write returns a view of a larger buffer; the in-place path copies it once."""
+    """A store whose tensors are views (e.g. keys kept as (b m h d) and transposed) is copied once."""
     gen = torch.Generator().manual_seed(1)
     k, v, g, _ = tokens(1, 2, 3, 4, 4, dtype=torch.float32, device="cpu", generator=gen, p_mask=1.0)
-    state = write(MemoryState.empty(1, 2, 8, 4, 4), k, v, g)
+    empty = MemoryState.empty(1, 2, 8, 4, 4)
+    state = write(empty.replace(keys=torch.zeros(1, 8, 2, 4).transpose(1, 2)), k, v, g)
+    state = state.replace(keys=state.keys.transpose(1, 2).contiguous().transpose(1, 2))
     assert not state.keys.is_contiguous()
     expected = write(state, k, v, g)
     with torch.no_grad():
