@@ -241,13 +241,16 @@ class Trainer:
                 f"got {cfg.batch_size}"
             )
         task_loss = TaskLoss(model, kind)
-        # find_unused_parameters: some runs never use some parameters (the baseline and the oracle
-        # never read what the writer wrote; nor does a one-segment BPTT window).
+        # Some runs leave parameters without a gradient, which DDP must be told about: the baseline
+        # and the oracle never read what the writer wrote, nor does a one-segment BPTT window. The
+        # memory model over whole multi-segment sequences uses every parameter (and DDP warns on
+        # every run if told to look for unused ones there).
+        unused = kind != "memory" or cfg.bptt_segments is not None
         self.task_loss = (
             DistributedDataParallel(
                 task_loss,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=unused,
             )
             if self.world.size > 1
             else task_loss
