@@ -161,7 +161,11 @@ class MemoryModel(nn.Module):
             p = next(layers[i].parameters(), None)  # sit beside the layer (dtype, device map)
             memories[str(i)] = ResidualMemory(layer if p is None else layer.to(device=p.device, dtype=p.dtype))
         self.memories = nn.ModuleDict(memories)
-        self._handles = [layers[i].register_forward_hook(functools.partial(self._hook, i)) for i in self.after]
+        # prepend: run before any hook transformers installed earlier (its output_hidden_states
+        # recorder), so that hidden states are reported with the memory applied, as in 4.x.
+        self._handles = [
+            layers[i].register_forward_hook(functools.partial(self._hook, i), prepend=True) for i in self.after
+        ]
 
     @staticmethod
     def _indices(after: Sequence[int], n: int) -> tuple[int, ...]:

@@ -201,3 +201,19 @@ def test_bad_input_raises_clear_errors():
         mm(ids, return_dict=False)
     with pytest.raises(ValueError, match=r"attention_mask must be a \(b n\) tensor"):
         mm(ids, attention_mask=torch.ones(2, 1, 5, 5))
+
+
+def test_hidden_states_are_reported_after_the_memory():
+    """hidden_states[i + 1] is layer i's output with its memory applied, even when transformers
+    installed its output recorder (on the first call) before the memory was inserted."""
+    torch.manual_seed(0)
+    model = gpt2()
+    ids1, ids2 = torch.randint(0, V, (2, 2, 6))
+    with torch.no_grad():
+        base = model(ids2, output_hidden_states=True).hidden_states
+        mm = MemoryModel(model, after=[0], capacity=16, fusion_bias_init=0.0)
+        state = mm(ids1).memory_state
+        out = mm(ids2, memory_state=state, output_hidden_states=True)
+        y, _ = mm.memories["0"](base[1], state[0])
+    assert_close_dtype(out.hidden_states[1], y)
+    assert rel(out.hidden_states[1], base[1]) > 1e-3
