@@ -60,7 +60,9 @@ def knn_memory(dim_head: int, capacity: int, batch_size: int, path: str):
     """The peer's KNNMemory, as MemorizingTransformer creates it (no multiprocessing)."""
     from memorizing_transformers_pytorch.knn_memory import KNNMemory
 
-    return KNNMemory(dim_head, max_memories=capacity, num_indices=batch_size, memmap_filename=path, multiprocessing=False)
+    return KNNMemory(
+        dim_head, max_memories=capacity, num_indices=batch_size, memmap_filename=path, multiprocessing=False
+    )
 
 
 def fill_knn_memory(memory, keys: Tensor, values: Tensor) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from harness import Timing, machine_line
+from harness import Timing, machine_line, measure
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -44,6 +44,19 @@ def resolve_device(name: str) -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measure_steps(fn, label: str, *, min_run_time: float, min_runs: int, device: torch.device) -> Timing:
+    """harness.measure, after one timed warm-up call that sets the run time to >= ``min_runs`` calls.
+
+    blocked_autorange stops after ``min_run_time``: a step of seconds would otherwise be timed once.
+    """
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - start
+    return measure(fn, label, min_run_time=max(min_run_time, min_runs * first))
 
 
 def measure_with_setup(fn, setup, label: str, *, runs: int, device: torch.device) -> Timing:

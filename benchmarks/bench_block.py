@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import _flops
 import _peers
 from _models import PlainBlock
-from _report import measure_with_setup, parser, print_table, setup_run, write_json
-from harness import machine_line, measure
+from _report import measure_steps, measure_with_setup, parser, print_table, setup_run, write_json
+from harness import machine_line
 from memgpt import BlockState, MemGPTBlock, MemoryLayer
 from memgpt.memory import MemoryState, read, reference
 
@@ -69,7 +69,6 @@ class Variant:
     parts: list | None = None  # FLOP formula, if defined
     setup: Callable[[], None] | None = None  # untimed, before every timed step
     note: str = ""
-    row: dict = field(default_factory=dict)
 
 
 def full_memory(layer: MemoryLayer, batch: int, device, gen: torch.Generator) -> MemoryState:
@@ -182,8 +181,8 @@ def peer_variants(shape: Shape, device, gen, x, grad_out, tmpdir: str) -> list[V
         hit = (found[:, :, 0, 0] - probe).abs().amax(-1).lt(1e-5).float().mean().item()
         assert mask.all() and hit >= 0.9, f"KNN search finds a stored key as its own top-1 in {hit:.0%} of probes"
         step = fwd_bwd(knn, x, grad_out, lambda x: knn(x, memory))
-        out.append(Variant("memorizing-transformers KNN block", step, setup=refill,
-                           note=f"faiss HNSW, m={shape.capacity}/row, search+add, top-1 self-hit {hit:.0%}"))
+        note = f"faiss HNSW, m={shape.capacity}/row, search+add, top-1 self-hit {hit:.0%}"
+        out.append(Variant("memorizing-transformers KNN block", step, setup=refill, note=note))
 
     inf = _peers.infini_block(shape.dim, shape.heads)
     if isinstance(inf, str):
@@ -194,18 +193,56 @@ def peer_variants(shape: Shape, device, gen, x, grad_out, tmpdir: str) -> list[V
             _, memories = inf(torch.randn(shape.batch, shape.seq, shape.dim, generator=gen).to(device))
             y_mem, _ = inf(x.detach(), memories)
             y_none, _ = inf(x.detach())
-        assert torch.isfinite(y_mem).all() and not torch.equal(y_mem, y_none), "infini memory does not change the output"
+        assert torch.isfinite(y_mem).all() and not torch.equal(y_mem, y_none), "infini: memory changes nothing"
         step = fwd_bwd(inf, x, grad_out, lambda x: inf(x, memories)[0])
         out.append(Variant("infini-transformer block", step, note="one segment, compressive memory"))
     return out
 
 
+COLUMNS = [
+    ("name", "block", "s"), ("ms", "ms/step", ".1f"), ("iqr_ms", "IQR", ".1f"), ("runs", "runs", "d"),
+    ("tokens_per_s", "tokens/s", ",.0f"), ("gflop_per_step", "GFLOP/step", ".1f"), ("gflops", "GFLOP/s", ".1f"),
+    ("vs_plain_tokens", "tok/s ÷ plain", ".2f"), ("note", "note", "s"),
+]
+
+
+def time_variant(v: Variant, shape: Shape, quick: bool, device) -> dict:
+    """Check the FLOP formula (also a warm-up), time the step, derive tokens/s and GFLOP/s."""
+    if v.parts is not None:
+        check_flops(v.name, v.step, v.parts, shape.tokens)
+    if v.setup is None:
+        t = measure_steps(v.step, v.name, min_run_time=0.2 if quick else 5.0, min_runs=3, device=device)
+    else:
+        t = measure_with_setup(v.step, v.setup, v.name, runs=3 if quick else 5, device=device)
+    print(f"  {t}", flush=True)
+    flops = None if v.parts is None else _flops.fwd_bwd_per_token(v.parts) * shape.tokens
+    return dict(
+        name=v.name, ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, runs=t.runs, tokens_per_s=shape.tokens / t.median,
+        gflops=None if flops is None else flops / t.median / 1e9,
+        gflop_per_step=None if flops is None else flops / 1e9, note=v.note,
+    )
+
+
+def goal_ratios(rows: list[dict]) -> list[dict]:
+    """The issue's same-run goals, for whichever rows this run has."""
+    by = {r["name"]: r for r in rows}
+    full = by["MemGPT, full read"]
+    topk = next(r for r in rows if r["name"].startswith("MemGPT, top-"))
+    out = []
+    knn = by.get("memorizing-transformers KNN block")
+    if knn is not None:
+        for r, goal in ((full, 1.5), (topk, 2.0)):
+            out.append(dict(what=f"{r['name']} tokens/s ÷ KNN block", value=r["tokens_per_s"] / knn["tokens_per_s"],
+                            goal=goal))
+    for r in (full, topk):
+        out.append(dict(what=f"{r['name']} GFLOP/s ÷ plain block", value=r["gflops"] / rows[0]["gflops"], goal=0.8))
+    return out
+
+
 def main() -> None:
-    p = parser(__doc__)
-    args = p.parse_args()
+    args = parser(__doc__).parse_args()
     device = setup_run(args)
     shape = QUICK if args.quick else FULL
-    run_time = 0.2 if args.quick else 6.0
     gen = torch.Generator().manual_seed(0)
     check_memgpt(shape, device, gen)
     x = torch.randn(shape.batch, shape.seq, shape.dim, generator=gen).to(device).requires_grad_()
@@ -213,49 +250,19 @@ def main() -> None:
     print(machine_line())
     print(f"{shape}; fp32, forward + backward per step")
     with tempfile.TemporaryDirectory() as tmpdir:
-        variants = memgpt_variants(shape, device, gen, x, grad_out) + peer_variants(shape, device, gen, x, grad_out, tmpdir)
-        for v in variants:
-            if v.parts is not None:
-                check_flops(v.name, v.step, v.parts, shape.tokens)
-            if v.setup is None:
-                t = measure(v.step, v.name, min_run_time=run_time)
-            else:
-                t = measure_with_setup(v.step, v.setup, v.name, runs=3 if args.quick else 5, device=device)
-            flops = None if v.parts is None else _flops.fwd_bwd_per_token(v.parts) * shape.tokens
-            v.row = dict(name=v.name, ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, runs=t.runs,
-                         tokens_per_s=shape.tokens / t.median,
-                         gflops=None if flops is None else flops / t.median / 1e9,
-                         gflop_per_step=None if flops is None else flops / 1e9, note=v.note)
-            print(f"  {t}", flush=True)
-    rows = [v.row for v in variants]
-    base = rows[0]
+        variants = memgpt_variants(shape, device, gen, x, grad_out)
+        variants += peer_variants(shape, device, gen, x, grad_out, tmpdir)
+        rows = [time_variant(v, shape, args.quick, device) for v in variants]
     for r in rows:
-        r["vs_plain_tokens"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["vs_plain_tokens"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     print()
-    print_table(rows, [("name", "block", "s"), ("ms", "ms/step", ".1f"), ("iqr_ms", "IQR", ".1f"), ("runs", "runs", "d"),
-                       ("tokens_per_s", "tokens/s", ",.0f"), ("gflop_per_step", "GFLOP/step", ".1f"),
-                       ("gflops", "GFLOP/s", ".1f"), ("vs_plain_tokens", "tok/s ÷ plain", ".2f"), ("note", "note", "s")])
+    print_table(rows, COLUMNS)
     ratios = goal_ratios(rows)
     print()
     for line in ratios:
         print(f"{line['what']}: {line['value']:.2f} (goal >= {line['goal']})")
     print(machine_line())
     write_json(args.json, "bench_block", args, {"shape": vars(shape), "rows": rows, "ratios": ratios})
-
-
-def goal_ratios(rows: list[dict]) -> list[dict]:
-    """The issue's same-run goals, for whichever rows this run has."""
-    by = {r["name"]: r for r in rows}
-    full = next(r for r in rows if r["name"] == "MemGPT, full read")
-    topk = next(r for r in rows if r["name"].startswith("MemGPT, top-"))
-    out = []
-    knn = by.get("memorizing-transformers KNN block")
-    if knn is not None:
-        out.append(dict(what="MemGPT full read tokens/s ÷ KNN block", value=full["tokens_per_s"] / knn["tokens_per_s"], goal=1.5))
-        out.append(dict(what="MemGPT top-k tokens/s ÷ KNN block", value=topk["tokens_per_s"] / knn["tokens_per_s"], goal=2.0))
-    for r in (full, topk):
-        out.append(dict(what=f"{r['name']} GFLOP/s ÷ plain block GFLOP/s", value=r["gflops"] / rows[0]["gflops"], goal=0.8))
-    return out
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from _models import PlainLM
-from _report import parser, print_table, setup_run, sync, write_json
-from harness import machine_line, measure
+from _report import measure_steps, parser, print_table, setup_run, sync, write_json
+from harness import machine_line
 from memgpt import BlockState, MemGPTBlock, MemGPTConfig, MemGPTModel, MemoryLayer
 from memgpt.memory import MemoryState, read, write
 
@@ -134,7 +134,7 @@ def bench_training(s: Sizes, device, gen, run_time: float) -> list[dict]:
         loss = step()  # warm-up; also fills MemGPT's memory
         if not torch.isfinite(loss):
             raise AssertionError(f"{name}: non-finite training loss {loss.item()}")
-        t = measure(step, name, min_run_time=run_time)
+        t = measure_steps(step, name, min_run_time=run_time, min_runs=3, device=device)
         print(f"  {t}", flush=True)
         rows.append(dict(name=name, params=n_params(model), ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, runs=t.runs,
                          tokens_per_s=s.batch * s.seq / t.median))
@@ -168,7 +168,7 @@ def bench_decoding(s: Sizes, device, gen, run_time: float) -> list[dict]:
         ]
         base = None
         for name, fn in runs:
-            t = measure(fn, name, min_run_time=run_time)
+            t = measure_steps(fn, name, min_run_time=run_time, min_runs=3, device=device)
             print(f"  batch {b}: {t}", flush=True)
             tps = b * s.new_tokens / t.median
             base = base or tps
@@ -228,11 +228,12 @@ def bench_compile(quick: bool, device, gen, run_time: float) -> list[dict]:
         eager = make(lambda f: f)
         eager_out = eager(*args)
         compiled, compile_s, mode = _compiled(make, args, device)
-        t_eager = measure(lambda: eager(*args), "eager", min_run_time=run_time).median
+        t_eager = measure_steps(lambda: eager(*args), "eager", min_run_time=run_time, min_runs=3, device=device).median
         row = dict(name=name, eager_ms=t_eager * 1e3, compiled_ms=None, speedup=None, compile_s=compile_s, mode=mode)
         if compiled is not None:
             torch.testing.assert_close(compiled(*args), eager_out, rtol=1e-4, atol=1e-4)
-            t_comp = measure(lambda: compiled(*args), "compiled", min_run_time=run_time).median
+            t_comp = measure_steps(lambda: compiled(*args), "compiled", min_run_time=run_time, min_runs=3,
+                                   device=device).median
             row.update(compiled_ms=t_comp * 1e3, speedup=t_eager / t_comp)
         print(f"  {name}: {row}", flush=True)
         rows.append(row)
@@ -264,6 +265,20 @@ def block_case(device, gen):
     return make, (x, state)
 
 
+TRAIN_COLUMNS = [
+    ("name", "model", "s"), ("params", "params", ",d"), ("ms", "ms/step", ".1f"), ("iqr_ms", "IQR", ".1f"),
+    ("runs", "runs", "d"), ("tokens_per_s", "tokens/s", ",.0f"), ("vs_plain", "÷ plain", ".2f"),
+]
+DECODE_COLUMNS = [
+    ("name", "decoder", "s"), ("batch", "batch", "d"), ("ms_per_token", "ms/token", ".2f"),
+    ("tokens_per_s", "tokens/s", ",.0f"), ("memgpt_vs_this", "MemGPT tok/s ÷ this", ".2f"), ("runs", "runs", "d"),
+]
+COMPILE_COLUMNS = [
+    ("name", "what", "s"), ("eager_ms", "eager ms", ".2f"), ("compiled_ms", "compiled ms", ".2f"),
+    ("speedup", "speed-up", ".2f"), ("compile_s", "compile s", ".1f"), ("mode", "mode", "s"),
+]
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--only", choices=["train", "decode", "compile"], action="append",
@@ -278,25 +293,18 @@ def main() -> None:
     print(f"{s}; fp32")
     out = {"sizes": asdict(s)}
     if "train" in sections:
-        rows = bench_training(s, device, gen, run_time)
-        print(f"\nTraining, {s.batch} x {s.seq} tokens per step (MemGPT: segments of {s.segment_len}, memory {s.capacity}/row)")
-        print_table(rows, [("name", "model", "s"), ("params", "params", ",d"), ("ms", "ms/step", ".1f"),
-                           ("iqr_ms", "IQR", ".1f"), ("runs", "runs", "d"), ("tokens_per_s", "tokens/s", ",.0f"),
-                           ("vs_plain", "÷ plain", ".2f")])
-        out["training"] = rows
+        out["training"] = rows = bench_training(s, device, gen, run_time)
+        print(f"\nTraining, {s.batch} x {s.seq} tokens per step "
+              f"(MemGPT: segments of {s.segment_len}, memory {s.capacity}/row)")
+        print_table(rows, TRAIN_COLUMNS)
     if "decode" in sections:
-        rows = bench_decoding(s, device, gen, run_time)
+        out["decoding"] = rows = bench_decoding(s, device, gen, run_time)
         print(f"\nDecoding {s.new_tokens} tokens after a {s.prompt}-token prompt (greedy, one token per call)")
-        print_table(rows, [("name", "decoder", "s"), ("batch", "batch", "d"), ("ms_per_token", "ms/token", ".2f"),
-                           ("tokens_per_s", "tokens/s", ",.0f"), ("memgpt_vs_this", "MemGPT tok/s ÷ this", ".2f"),
-                           ("runs", "runs", "d")])
-        out["decoding"] = rows
+        print_table(rows, DECODE_COLUMNS)
     if "compile" in sections:
-        rows = bench_compile(args.quick, device, gen, run_time)
+        out["compile"] = rows = bench_compile(args.quick, device, gen, run_time)
         print("\ntorch.compile (inductor): eager ÷ compiled time; compile time is the first call")
-        print_table(rows, [("name", "what", "s"), ("eager_ms", "eager ms", ".2f"), ("compiled_ms", "compiled ms", ".2f"),
-                           ("speedup", "speed-up", ".2f"), ("compile_s", "compile s", ".1f"), ("mode", "mode", "s")])
-        out["compile"] = rows
+        print_table(rows, COMPILE_COLUMNS)
     print(machine_line())
     write_json(args.json, "bench_model", args, out)
 

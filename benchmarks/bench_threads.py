@@ -26,9 +26,16 @@ from contextlib import contextmanager
 
 import torch
 
-from _report import parser, print_table, setup_run, write_json
-from harness import machine_line, measure
+from _report import measure_steps, parser, print_table, setup_run, write_json
+from harness import machine_line
 from memgpt import BlockState, MemGPTBlock, MemoryLayer
+
+
+COLUMNS = [
+    ("workload", "workload", "s"), ("condition", "condition", "s"), ("threads", "threads", "d"),
+    ("ms", "median ms", ".2f"), ("iqr_ms", "IQR", ".2f"), ("runs", "runs", "d"), ("vs_1_thread", "÷ 1 thread", ".2f"),
+    ("vs_quiet", "÷ quiet", ".2f"), ("load", "load avg", ".2f"),
+]
 
 
 def workloads(quick: bool, device, gen) -> list[tuple[str, callable]]:
@@ -104,7 +111,8 @@ def main() -> None:
                 for name, fn in works:
                     for t in counts:
                         torch.set_num_threads(t)
-                        timing = measure(fn, f"{name}, {t} threads", min_run_time=run_time)
+                        timing = measure_steps(fn, f"{name}, {t} threads", min_run_time=run_time, min_runs=3,
+                                               device=device)
                         print(f"  {condition}: {timing}", flush=True)
                         rows.append(dict(workload=name, condition=what or condition, threads=t,
                                          ms=timing.median * 1e3, iqr_ms=timing.iqr * 1e3, runs=timing.runs,
@@ -117,9 +125,7 @@ def main() -> None:
         r["vs_1_thread"] = r["ms"] / one[(r["workload"], r["condition"])]
         r["vs_quiet"] = r["ms"] / quiet[(r["workload"], r["threads"])]
     print()
-    print_table(rows, [("workload", "workload", "s"), ("condition", "condition", "s"), ("threads", "threads", "d"),
-                       ("ms", "median ms", ".2f"), ("iqr_ms", "IQR", ".2f"), ("runs", "runs", "d"),
-                       ("vs_1_thread", "÷ 1 thread", ".2f"), ("vs_quiet", "÷ quiet", ".2f"), ("load", "load avg", ".2f")])
+    print_table(rows, COLUMNS)
     print("÷ 1 thread > 1: more threads were slower. The library never sets thread counts; scripts may.")
     print(machine_line())
     write_json(args.json, "bench_threads", args, {"rows": rows})
