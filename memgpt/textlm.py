@@ -129,8 +129,9 @@ def stream_bits(
         for s in range(0, width, chunk_len):
             cols = torch.arange(s, min(s + chunk_len, width))
             mask = (cols[None, :] < lengths[:, None]).to(device)
-            o = model(inputs[:, cols].to(device), state, attention_mask=mask)
-            state = o.state.detach()
+            # no_grad and the old state is never used again: let the writes go into it in place
+            o = model(inputs[:, cols].to(device), state, attention_mask=mask, donate_state=True)
+            state = o.state
             bits.append(_bits(o.logits, targets[:, cols].to(device)).cpu())
         bits = torch.cat(bits, dim=1)
         for r, i in enumerate(rows):
