@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "save_state", "load_state", "read_header", "state_spec"]
 
 STATE_FORMAT = "memgpt.MemGPTState"
-STATE_VERSION = 2  # 1 was a torch.save pickle-free zip; 2 is safetensors
+STATE_VERSION = 2  # 1 was torch.save (read with weights_only=True); 2 is safetensors
 METADATA_KEY = "memgpt.state"
 
 # The settings of MemGPTConfig that decide what a state holds and means (shapes, the eviction
@@ -133,6 +133,8 @@ def save_state(state: "MemGPTState", path: str | os.PathLike, model: "MemGPTMode
 
     config = state_config(_config(model, "model"))
     path = os.fspath(path)
+    for layer in state.layers:
+        layer.memory.check_live()  # a store donated to an in-place write holds a later state now
     dtype = state.layers[0].memory.dtype if state.layers else torch.get_default_dtype()
     if str(dtype).removeprefix("torch.") not in _DTYPES:
         raise ValueError(f"cannot save a state of dtype {dtype}: expected one of {sorted(_DTYPES)}")

@@ -278,6 +278,17 @@ def test_save_checks_the_state_against_the_model(tmp_path, saved):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_donated_state_cannot_be_saved(tmp_path):
+    """A state given to an in-place forward now holds later contents: saving it must refuse."""
+    model = make_model()
+    with torch.no_grad():
+        state = model(ids(2, 12)).state
+        model(ids(2, 5, seed=1), state, donate_state=True)
+    with pytest.raises(RuntimeError, match="donated"):
+        state.save(tmp_path / "s.safetensors", model)
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_is_atomic(tmp_path, saved, monkeypatch):
     """A save that dies mid-write leaves the previous file intact and no temporary file."""
     model, state, _, _ = saved
