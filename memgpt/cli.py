@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _text(args: argparse.Namespace) -> int:
     from .textlm import TextConfig, run_text
 
-    cfg = TextConfig(eval_split=args.eval_split, eval_max_chars=args.eval_max_chars)
+    cfg = TextConfig(eval_split=args.eval_split, eval_max_chars=args.eval_max_chars, fusion_bias_init=args.fusion_bias)
     cfg.train.device, cfg.train.seed = args.device, args.seed
     if args.steps is not None:
         cfg.train.steps = args.steps
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--steps", type=int, default=None, help="training steps per model (default 1500)")
     x.add_argument("--eval-split", choices=("test", "validation"), default="test")
     x.add_argument("--eval-max-chars", type=int, default=0, help="characters per file, from its start (0: all)")
+    x.add_argument("--fusion-bias", type=float, default=0.0, help="fusion gate bias at initialisation (both models)")
     x.add_argument("--only", choices=("memory", "baseline"), default=None,
                    help="train this model only and stop (train the two at once, then evaluate with --reuse)")
     x.add_argument("--reuse", action="store_true", help="evaluate OUT/text-*.pt when present instead of training")
