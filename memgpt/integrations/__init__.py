@@ -10,6 +10,6 @@ Nothing here imports ``transformers``.
 """
 
 from .states import MemoryStates
-from .wrap import DROP_IN_FUSION_BIAS, ResidualMemory, WithMemory, drop_in_memory
+from .wrap import DROP_IN_FUSION_BIAS, ResidualMemory, WithMemory, drop_in_bias, drop_in_memory
 
-__all__ = ["DROP_IN_FUSION_BIAS", "MemoryStates", "ResidualMemory", "WithMemory", "drop_in_memory"]
+__all__ = ["DROP_IN_FUSION_BIAS", "MemoryStates", "ResidualMemory", "WithMemory", "drop_in_bias", "drop_in_memory"]

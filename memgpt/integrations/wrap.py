@@ -13,11 +13,14 @@ models). :class:`ResidualMemory` therefore runs the memory layer on the stream's
 
 so ``y - h = rms(h) * (1 - lambda) * (r - u)``: the relative change of each token is
 ``(1 - lambda) |r - u| / |u|`` whatever the scale of ``h``. With the drop-in fusion bias
-(:data:`DROP_IN_FUSION_BIAS` = 6, ``lambda`` = 0.9975 at insertion) that is about 0.25 %
-per inserted layer (measured figures: README, *Drop-in memory*).
+(:data:`DROP_IN_FUSION_BIAS` = 6, ``lambda`` = 0.9975 at insertion) that is at most about
+0.25 % per inserted layer (``|r| << |u|`` at initialisation; measured figures: README,
+*Drop-in memory*). With an empty memory the read is zero and ``y = lambda * h``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +29,23 @@ from ..layers import MemoryLayer
 from ..layers._validation import check_input
 from ..memory import MemoryState
 
-__all__ = ["DROP_IN_FUSION_BIAS", "drop_in_memory", "ResidualMemory", "WithMemory"]
+__all__ = ["DROP_IN_FUSION_BIAS", "drop_in_bias", "drop_in_memory", "ResidualMemory", "WithMemory"]
 
 # sigmoid(6) = 0.99753: the fusion keeps 99.75 % of the stream at insertion.
 DROP_IN_FUSION_BIAS = 6.0
+
+
+def drop_in_bias(layers: int) -> float:
+    """Fusion bias for ``layers`` memory layers inserted into one model: ``6 + ln(layers)``.
+
+    Each inserted layer changes the stream by about ``1 - lambda ~ exp(-bias)``, and the changes
+    add up along the depth (measured: memory after all 12 layers of a GPT-2 at bias 6 moved its
+    logits by 1.2 %, after one layer by 0.15 %). Adding ``ln(layers)`` keeps the total at what
+    one layer at bias 6 costs, and no larger bias than needed (a closed gate learns slowly).
+    """
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be an int >= 1, got {layers!r}")
+    return DROP_IN_FUSION_BIAS + math.log(layers)
 
 
 def drop_in_memory(
@@ -92,7 +108,9 @@ class WithMemory(nn.Module):
     ``block_kwargs`` go to it unchanged. ``memory``: a :class:`MemoryLayer` (use
     :func:`drop_in_memory` to start near the identity) or a :class:`ResidualMemory`.
     ``mask`` (b n) bool, True = real token, concerns the memory only: padding is never written
-    (give the block its own padding mask in its own convention).
+    (give the block its own padding mask in its own convention). Wrapping k blocks of one model,
+    use ``drop_in_memory(d, capacity=..., fusion_bias_init=drop_in_bias(k))``: the changes of
+    the inserted layers add up.
     """
 
     def __init__(self, block: nn.Module, memory: MemoryLayer | ResidualMemory) -> None:

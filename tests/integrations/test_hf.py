@@ -4,6 +4,7 @@ memory threaded through calls, padding, per-row reset, reordering, KV-cache deco
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -55,7 +56,9 @@ def test_insertion_is_near_identity(build):
         mm = MemoryModel(model, after=list(range(model.config.num_hidden_layers)), capacity=32, heads=4)
         out1 = mm(ids1)
         out2 = mm(ids2, memory_state=out1.memory_state)
-    assert isinstance(out2.memory_state, MemoryStates) and len(out2.memory_state) == model.config.num_hidden_layers
+    k = model.config.num_hidden_layers
+    assert all(m.layer.fusion.bias_init == pytest.approx(6 + math.log(k)) for m in mm.memories.values())
+    assert isinstance(out2.memory_state, MemoryStates) and len(out2.memory_state) == k
     assert all(m.count.tolist() == [12, 12, 12] for m in out1.memory_state)
     assert rel(out1.logits, base1) < 0.01
     assert rel(out2.logits, base2) < 0.01

@@ -3,12 +3,22 @@ per-row reset and reordering, gradients, errors."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from memgpt import MemoryLayer, MemoryState
-from memgpt.integrations import DROP_IN_FUSION_BIAS, MemoryStates, ResidualMemory, WithMemory, drop_in_memory
+from memgpt.integrations import (
+    DROP_IN_FUSION_BIAS,
+    MemoryStates,
+    ResidualMemory,
+    WithMemory,
+    drop_in_bias,
+    drop_in_memory,
+)
 from memgpt.testing import assert_close_dtype
 
 F64 = torch.float64
@@ -63,6 +73,14 @@ def test_drop_in_memory_defaults():
     assert layer.fusion.bias_init == DROP_IN_FUSION_BIAS
     assert isinstance(layer, MemoryLayer) and layer.capacity == 8 and layer.heads == 1
     assert drop_in_memory(D, capacity=8, heads=2, eviction="usage", fusion_bias_init=0.0).fusion.bias_init == 0.0
+    # k inserted layers: 1 - lambda = exp(-bias) shrinks by k, so k layers change as much as one.
+    assert drop_in_bias(1) == DROP_IN_FUSION_BIAS
+    one = 1 - torch.sigmoid(torch.tensor(drop_in_bias(1), dtype=F64))
+    twelve = 1 - torch.sigmoid(torch.tensor(drop_in_bias(12), dtype=F64))
+    assert abs(12 * twelve / one - 1) < 0.01
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="layers must be an int >= 1"):
+            drop_in_bias(bad)
 
 
 def test_residual_memory_formula(device):
@@ -227,3 +245,18 @@ def test_memory_states_errors():
         MemoryStates((a, layer(torch.randn(2, 2, D))[1]))
     with pytest.raises(ValueError, match=r"mask must be \(b,\) = \(3,\)"):
         MemoryStates((a,)).reset_rows(torch.tensor([True]))
+
+
+def test_integrations_import_no_transformers():
+    """memgpt.integrations (and the hf module itself) import without pulling in transformers."""
+    code = "import sys, memgpt.integrations, memgpt.integrations.hf; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    from memgpt.integrations.hf import MemoryModel
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'memgpt-layers\[hf\]'"):
+        MemoryModel(nn.Identity(), after=[0], capacity=4)
