@@ -11,11 +11,12 @@
    what you would run without memory; and (b) the same weights with ``memory_capacity=1``:
    the same code path, with the memory's read and write over m slots reduced to one slot, which
    isolates what the memory store costs. (A model whose memory is cleared every step is no
-   baseline: an empty store is still read and written at full capacity cost.)
+   baseline: its read still scores all m slots of the empty store.)
 3. torch.compile: the memory ops (``read`` full and top-k, ``write``) under
    ``fullgraph=True`` (falling back to graph breaks if that fails, and saying so) and one
    ``MemGPTBlock`` forward + backward; compiled ÷ eager time, compile time (the first call)
-   reported apart, compiled output checked against eager first.
+   reported apart (a cold compile: a fresh inductor cache for the run), compiled output checked
+   against eager first.
 
     python benchmarks/bench_model.py                 # all three sections (many minutes on 2 cores)
     python benchmarks/bench_model.py --quick         # tiny models; compiles the read op only
@@ -24,6 +25,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -247,9 +250,7 @@ def block_case(device, gen):
     layer = MemoryLayer(dim, heads=heads, capacity=m)
     block = MemGPTBlock(dim, heads, layer).to(device)
     state = BlockState(_full_state(b, heads, m, layer.reader.key_dim, device, gen))
-    # x needs no gradient: with one, the compiled block fails on torch 2.13 when a state is passed in
-    # (aot_autograd replays the write's view outputs with garbage sizes; see benchmarks/RESULTS.md).
-    x = torch.randn(b, n, dim, generator=gen).to(device)
+    x = torch.randn(b, n, dim, generator=gen).to(device).requires_grad_()
     params = list(block.parameters())
 
     def make(transform):
@@ -257,7 +258,7 @@ def block_case(device, gen):
 
         def fwd_bwd(x, state):
             y, _ = module(x, state)
-            grads = torch.autograd.grad(y.square().mean(), params, allow_unused=True)
+            grads = torch.autograd.grad(y.square().mean(), [x, *params], allow_unused=True)
             return y.detach(), grads[0]
 
         return fwd_bwd
@@ -302,8 +303,19 @@ def main() -> None:
         print(f"\nDecoding {s.new_tokens} tokens after a {s.prompt}-token prompt (greedy, one token per call)")
         print_table(rows, DECODE_COLUMNS)
     if "compile" in sections:
-        out["compile"] = rows = bench_compile(args.quick, device, gen, run_time)
-        print("\ntorch.compile (inductor): eager ÷ compiled time; compile time is the first call")
+        # Cold compiles: a fresh inductor cache for this run. A warm cache would report a fraction
+        # of the compile time, and on torch 2.13 a warm AOTAutograd cache hit breaks the compiled
+        # block when a state is passed in (garbage view sizes; benchmarks/RESULTS.md).
+        with tempfile.TemporaryDirectory() as cache:
+            saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            try:
+                out["compile"] = rows = bench_compile(args.quick, device, gen, run_time)
+            finally:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+                if saved is not None:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+        print("\ntorch.compile (inductor): eager ÷ compiled time; compile time is the first call, cold cache")
         print_table(rows, COMPILE_COLUMNS)
     print(machine_line())
     write_json(args.json, "bench_model", args, out)
