@@ -229,7 +229,7 @@ class MemoryModel(nn.Module):
         if self.training and _checkpointing(self.model):
             raise ValueError(
                 "gradient checkpointing re-runs layers in the backward pass, outside the call that carries the "
-                "memory state; disable it on the wrapped model (model.gradient_checkpointing_disable())"
+                "memory state; disable it on the wrapped model"
             )
         if len(self._handles) != len(self.after):
             raise RuntimeError("the memory hooks were removed (MemoryModel.remove()); call the inner model directly")
