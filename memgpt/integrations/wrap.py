@@ -5,8 +5,8 @@ Semantics ("each call is one segment"): every token of a call reads the memory a
 written. The state is explicit: ``y, state = wrapped(x, state)``.
 
 Scale. A memory layer inserted into an existing residual stream must not care how large that
-stream is (GPT-2's residual grows from ~0.02 per element at random init to hundreds in trained
-models). :class:`ResidualMemory` therefore runs the memory layer on the stream's *direction*
+stream is (a randomly initialised GPT-2's is ~0.02 per element; trained models' can be orders of
+magnitude larger). :class:`ResidualMemory` therefore runs the memory layer on the stream's *direction*
 ``u = h / rms(h)`` and puts the result back at the stream's scale::
 
     y = rms(h) * Fusion(u, Read(u, M)),   M' = Write(u, M)
