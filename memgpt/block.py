@@ -146,10 +146,14 @@ class MemGPTBlock(nn.Module):
         )
         return BlockState(memory, buffer)
 
-    def _attention_mask(self, view: SegmentView | None, present: Tensor, w: int) -> Tensor | None:
+    def _attention_mask(
+        self, view: SegmentView | None, present: Tensor, w: int, mask: Tensor | None
+    ) -> Tensor | None:
         """(b w s) bool: query i may attend key j (s = w, or T + w with the buffer in front)."""
-        if view is None and present.all():
+        if view is None and mask is None:
             return None  # plain causal: SDPA's is_causal fast path
+        if view is None and not torch.compiler.is_compiling() and bool(mask.all()):
+            return None  # the same, found by a host check (a data-dependent branch breaks fullgraph compiles)
         device = present.device
         start = 0 if view is None else view.start
         pos = torch.arange(start, start + w, device=device)
@@ -197,7 +201,7 @@ class MemGPTBlock(nn.Module):
 
         # Self-attention within the segment (and over the buffered part of it).
         q, k, v = self.attn.project(self.attn_norm(x))
-        allowed = self._attention_mask(view, present, w)
+        allowed = self._attention_mask(view, present, w, mask)
         if view is not None and view.cached:
             keys = torch.cat([buffer.attn_keys.to(k.dtype), k], dim=2)
             values = torch.cat([buffer.attn_values.to(v.dtype), v], dim=2)

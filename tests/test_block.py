@@ -136,3 +136,18 @@ def test_block_rejects_a_memory_layer_of_another_width_or_type():
         MemGPTBlock(8, 2, MemoryLayer(6, capacity=4))
     with pytest.raises(TypeError, match=r"memory must be a MemoryLayer, got Linear"):
         MemGPTBlock(8, 2, torch.nn.Linear(8, 8))
+
+
+def test_block_compiles_with_fullgraph():
+    """No data-dependent branch on the whole-segment path: torch.compile(fullgraph=True) matches eager."""
+    torch.manual_seed(0)
+    block = MemGPTBlock(32, 2, MemoryLayer(32, heads=2, capacity=16)).eval()
+    x1, x2 = torch.randn(2, 2, 8, 32)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    y1, s1 = compiled(x1)
+    y2, s2 = compiled(x2, s1)
+    e1, t1 = block(x1)
+    e2, t2 = block(x2, t1)
+    torch.testing.assert_close(y1, e1)
+    torch.testing.assert_close(y2, e2)
+    torch.testing.assert_close(s2.memory.keys, t2.memory.keys)
