@@ -84,6 +84,10 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
 def shutdown() -> None:
     """Leave the process group (if any); call once at the end of the entry point."""
     if dist.is_available() and dist.is_initialized():
+        # Wait for every rank first: a rank that tears its gloo sockets down while another is
+        # still in a collective (or writing rank 0's checkpoint) makes that rank abort (seen
+        # under load as SIGABRT right after rank 0's final save).
+        dist.barrier()
         dist.destroy_process_group()
 
 
