@@ -65,7 +65,7 @@ class TextConfig:
     eval_seed: int = 1234
     root: str | None = None  # the stdlib tree; None = the running interpreter's
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, batch_size=8, lr=3e-3, warmup_steps=50, log_every=25)
+        default_factory=lambda: TrainConfig(steps=800, batch_size=8, lr=3e-3, warmup_steps=50, log_every=25)
     )
 
     @property
@@ -218,6 +218,7 @@ def train_text_model(cfg: TextConfig, kind: str, out: Path, *, progress: bool = 
     tail = hist[-max(1, len(hist) // 10) :]
     record = {
         "kind": kind, "steps": trainer.step, "seconds": seconds, "threads": torch.get_num_threads(),
+        "train_config": _jsonable(asdict(cfg.train)),
         "final_train_bpc": sum(r["loss"] for r in tail) / len(tail) / math.log(2),
         "train_bpc": {r["step"]: r["loss"] / math.log(2) for r in hist if r["step"] % cfg.train.log_every == 0},
     }
@@ -255,7 +256,7 @@ def run_text(
     results.update(
         training=training, device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in models["memory"].parameters()), python=manifest["python"],
-        config=_jsonable(asdict(cfg)),
+        model_config=models["memory"].config.to_dict(), config=_jsonable(asdict(cfg)),
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
