@@ -83,21 +83,20 @@ def _priority_destinations(
     return torch.where(survive_new, target, torch.full_like(target, m))
 
 
-def _scatter_rows(store: Tensor, hit: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
+def _scatter_rows(store: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
     """A new, contiguous (b h m d) store: ``store`` with ``rows`` (b h n d) written at ``dest`` (b h n).
 
-    ``hit`` (b h m) marks the slots some token lands in; tokens sent to the discard slot ``m``
-    are redirected to slot ``m - 1`` with their row zeroed. One pass copies the store while
-    clearing the hit slots (memcpy speed), then an O(n) ``scatter_add_`` fills them: each hit
-    slot receives exactly one non-zero row, the discarded tokens add exact zeros, so the result
-    does not depend on the order of the additions. The caller's ``store`` and autograd's saved
-    tensors never change, and the result is not a view (torch.compile's autograd needs that).
+    One copy of the store (memcpy speed) plus an O(n) scatter into it. The copy is flat, with one
+    extra row at the end where tokens sent to the discard slot ``m`` land; the returned store is
+    the prefix before that row, so it stays contiguous. The scatter is in place on the fresh copy
+    only, so the caller's ``store`` and autograd's saved tensors never change.
     """
-    m, d = store.shape[2], store.shape[3]
-    keep = dest < m
-    fresh = store.masked_fill(hit[..., None], 0)
-    rows = rows * keep[..., None].to(rows.dtype)
-    return fresh.scatter_add_(2, dest.clamp_max(m - 1)[..., None].expand(*dest.shape, d), rows)
+    b, h, m, d = store.shape
+    fresh = torch.cat([store.reshape(b * h * m, d), store.new_zeros(1, d)])  # (b*h*m + 1, d)
+    base = (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)
+    index = torch.where(dest < m, dest + base, b * h * m)  # discarded tokens -> the extra row
+    fresh.scatter_(0, index.reshape(-1, 1).expand(-1, d), rows.reshape(-1, d))
+    return fresh[: b * h * m].view(b, h, m, d)
 
 
 def _check_inplace_allowed(state: MemoryState, keys: Tensor, values: Tensor, strength: Tensor) -> None:
@@ -215,8 +214,8 @@ def write(
 
     g_store = g.to(keys.dtype)[..., None]
     return MemoryState(
-        keys=_scatter_rows(state.keys, hit, dest, keys * g_store),
-        values=_scatter_rows(state.values, hit, dest, values * g_store),
+        keys=_scatter_rows(state.keys, dest, keys * g_store),
+        values=_scatter_rows(state.values, dest, values * g_store),
         valid=state.valid | hit,
         strength=torch.where(hit, g.gather(2, src), state.strength),
         step=torch.where(hit, step_new[:, None, :].expand(b, h, n).gather(2, src), state.step),
