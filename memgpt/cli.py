@@ -33,7 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _text(args: argparse.Namespace) -> int:
-    from .textlm import TextConfig, run_text
+    from .textlm import TextConfig, format_table, run_text
 
     cfg = TextConfig(eval_split=args.eval_split, eval_max_chars=args.eval_max_chars, fusion_bias_init=args.fusion_bias)
     cfg.train.device, cfg.train.seed = args.device, args.seed
@@ -45,7 +45,14 @@ def _text(args: argparse.Namespace) -> int:
         cfg.eval_files, cfg.eval_max_chars, cfg.probe_count = 3, 1024, 4
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_text(cfg, args.out, progress=not args.quiet, reuse=args.reuse, only=args.only)
+    results = run_text(cfg, args.out, progress=not args.quiet, reuse=args.reuse, only=args.only)
+    if args.only:
+        print(f"saved {results['saved']}")
+        return 0
+    print(format_table(results))
+    written = results["written"]
+    note = "" if any(w.endswith(".png") for w in written) else " (no plot: pip install 'memgpt-layers[plot]' for matplotlib)"
+    print(f"\nwrote {', '.join(written)}{note}")
     return 0
 
 

@@ -230,7 +230,8 @@ def run_text(
     cfg: TextConfig, out_dir: str | Path, *, progress: bool = True, reuse: bool = False, only: str | None = None
 ) -> dict:
     """Train both models (with ``reuse``, load OUT/text-KIND.pt where present), evaluate, write the
-    outputs. ``only`` trains that one model and stops (run the two at once, then ``reuse``)."""
+    outputs; returns the results, with ``written`` listing the files. ``only`` trains that one
+    model and stops (run the two at once, then ``reuse``), returning ``{"saved": path}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
@@ -238,8 +239,7 @@ def run_text(
         if only not in KINDS:
             raise ValueError(f"only must be one of {KINDS}, got {only!r}")
         train_text_model(cfg, only, out, progress=progress)
-        print(f"saved {out / f'text-{only}.pt'}")
-        return {}
+        return {"saved": str(out / f"text-{only}.pt")}
     corpus = StdlibCorpus.scan(cfg.root)
     manifest = corpus.manifest()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -259,10 +259,8 @@ def run_text(
         model_config=models["memory"].config.to_dict(), config=_jsonable(asdict(cfg)),
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(format_table(results))
     plot = save_plot(results, out / "bpc_by_position.png")
-    note = f" and {plot}" if plot else " (no plot: pip install 'memgpt-layers[plot]' for matplotlib)"
-    print(f"\nwrote {out / 'results.json'}, {out / 'manifest.json'}{note}")
+    results["written"] = [str(out / "results.json"), str(out / "manifest.json")] + ([str(plot)] if plot else [])
     return results
 
 
