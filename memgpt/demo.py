@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ._report import jsonable, pyplot
 from .config import MemGPTConfig
 from .model import MemGPTModel
 from .tasks import RecallTask
@@ -124,7 +125,7 @@ def run_demo(demo: DemoConfig, out_dir: str | Path, *, progress: bool = True) ->
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "config": _jsonable(asdict(demo)),
+        "config": jsonable(asdict(demo)),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
@@ -160,12 +161,8 @@ def format_table(results: dict) -> str:
 
 def save_plot(results: dict, path: Path) -> Path | None:
     """Accuracy vs distance for the three models and the ablation; None if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the caller says how to get the plot
+    plt = pyplot()
+    if plt is None:
         return None
     rows = results["accuracy_by_distance"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -186,10 +183,3 @@ def save_plot(results: dict, path: Path) -> Path | None:
     plt.close(fig)
     return path
 
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    return d

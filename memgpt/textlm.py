@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._report import jsonable, pyplot
 from .config import MemGPTConfig
 from .model import MemGPTModel
 from .tasks.base import IGNORE_INDEX
@@ -218,7 +219,7 @@ def train_text_model(cfg: TextConfig, kind: str, out: Path, *, progress: bool = 
     tail = hist[-max(1, len(hist) // 10) :]
     record = {
         "kind": kind, "steps": trainer.step, "seconds": seconds, "threads": torch.get_num_threads(),
-        "train_config": _jsonable(asdict(cfg.train)),
+        "train_config": jsonable(asdict(cfg.train)),
         "final_train_bpc": sum(r["loss"] for r in tail) / len(tail) / math.log(2),
         "train_bpc": {r["step"]: r["loss"] / math.log(2) for r in hist if r["step"] % cfg.train.log_every == 0},
     }
@@ -256,7 +257,7 @@ def run_text(
     results.update(
         training=training, device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
         parameters=sum(p.numel() for p in models["memory"].parameters()), python=manifest["python"],
-        model_config=models["memory"].config.to_dict(), config=_jsonable(asdict(cfg)),
+        model_config=models["memory"].config.to_dict(), config=jsonable(asdict(cfg)),
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot = save_plot(results, out / "bpc_by_position.png")
@@ -288,12 +289,8 @@ def format_table(r: dict) -> str:
 
 def save_plot(r: dict, path: Path) -> Path | None:
     """bpc vs position in file (log scale), memory vs baseline; None if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the caller says how to get the plot
+    plt = pyplot()
+    if plt is None:
         return None
     bins = r["position_bins"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -312,10 +309,3 @@ def save_plot(r: dict, path: Path) -> Path | None:
     plt.close(fig)
     return path
 
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    return d
