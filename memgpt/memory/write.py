@@ -129,6 +129,9 @@ def _apply_in_place(
     target = state if state.is_contiguous() else state.contiguous()
     if usage_old is not state.usage:  # the usage policy decays whole rows: O(capacity) metadata
         target.usage.copy_(usage_old)
+    start = _ring_run_start(dest, m)
+    if start is not None:
+        return _write_ring_slices(state, target, start, keys, values, g, step_new, n_written)
     kept = (dest < m).flatten()  # (b*h*n)
     src = kept.nonzero().squeeze(1)
     slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten()
@@ -148,6 +151,51 @@ def _apply_in_place(
     target.count.add_(n_written)
     new = target.replace()
     state._donate()  # after replace(): the new state must not inherit the mark
+    return new
+
+
+def _ring_run_start(dest: Tensor, m: int) -> int | None:
+    """The first slot if every row and head writes all its tokens to the same run of consecutive
+    ring slots (fifo decoding or streaming a batch in lockstep), else None."""
+    n = dest.shape[-1]
+    if n == 0 or n > m:
+        return None
+    start = int(dest[0, 0, 0])
+    if start >= m:
+        return None
+    run = (start + torch.arange(n, device=dest.device)) % m
+    return start if bool((dest == run).all()) else None
+
+
+def _write_ring_slices(
+    state: MemoryState,
+    target: MemoryState,
+    start: int,
+    keys: Tensor,
+    values: Tensor,
+    g: Tensor,
+    step_new: Tensor,
+    n_written: Tensor,
+) -> MemoryState:
+    """Tokens 0..n-1 to slots start, start+1, ... (mod m) in every row and head, as at most two
+    slice writes: ``g*k`` is multiplied straight into the store (``out=`` a slice of it), with no
+    temporary and no index, at about the speed of a copy."""
+    m, n = state.capacity, keys.shape[2]
+    first = min(n, m - start)  # tokens before the ring wraps
+    g_store = g.to(keys.dtype)[..., None]
+    for lo, hi, at in ((0, first, start), (first, n, 0)):  # at most two ranges
+        if hi <= lo:
+            continue
+        rows = slice(at, at + hi - lo)
+        torch.mul(keys[:, :, lo:hi], g_store[:, :, lo:hi], out=target.keys[:, :, rows])
+        torch.mul(values[:, :, lo:hi], g_store[:, :, lo:hi], out=target.values[:, :, rows])
+        target.valid[:, :, rows] = True
+        target.strength[:, :, rows] = g[:, :, lo:hi]
+        target.step[:, :, rows] = step_new[:, None, lo:hi]
+        target.usage[:, :, rows] = 1.0
+    target.count.add_(n_written)
+    new = target.replace()
+    state._donate()
     return new
 
 
