@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .distributed import init_from_env, shutdown, world
 from .train import MODEL_KINDS, TrainConfig, Trainer, evaluate, load_checkpoint, make_task, resolve_device
+
+if TYPE_CHECKING:
+    from .textlm import TextConfig
 
 __all__ = ["main"]
 
@@ -32,17 +36,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text(args: argparse.Namespace) -> int:
-    from .textlm import TextConfig, format_table, run_text
+def text_config(args: argparse.Namespace) -> TextConfig:
+    """The TextConfig of a ``text`` command line (flags left out keep TextConfig's defaults)."""
+    from .textlm import TextConfig
 
     cfg = TextConfig(eval_split=args.eval_split, eval_max_chars=args.eval_max_chars, fusion_bias_init=args.fusion_bias)
     cfg.train.device, cfg.train.seed = args.device, args.seed
     if args.steps is not None:
         cfg.train.steps = args.steps
+    for name in ("qk_norm", "top_k", "repeat_prob"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if cfg.top_k == 0:
+        cfg.top_k = None
     if args.quick:  # seconds, for CI: a tiny model, a few steps, a few files; the numbers mean nothing
         cfg.dim, cfg.depth, cfg.segments, cfg.memory_capacity = 32, 1, 4, 512
         cfg.train.steps, cfg.train.batch_size = min(cfg.train.steps, 4), 2
         cfg.eval_files, cfg.eval_max_chars, cfg.probe_count = 3, 1024, 4
+    return cfg
+
+
+def _text(args: argparse.Namespace) -> int:
+    from .textlm import format_table, run_text
+
+    cfg = text_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run_text(cfg, args.out, progress=not args.quiet, reuse=args.reuse, only=args.only)
@@ -136,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval-split", choices=("test", "validation"), default="test")
     x.add_argument("--eval-max-chars", type=int, default=0, help="characters per file, from its start (0: all)")
     x.add_argument("--fusion-bias", type=float, default=0.0, help="fusion gate bias at initialisation (both models)")
+    x.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="cosine-similarity memory reads with a learned scale (both models; default: TextConfig's)")
+    x.add_argument("--top-k", type=int, default=None, help="read only the k best memory slots (0: all)")
+    x.add_argument("--repeat-prob", type=float, default=None,
+                   help="fraction of training windows with one chunk repeated >= 1 segment later (both models)")
     x.add_argument("--only", choices=("memory", "baseline"), default=None,
                    help="train this model only and stop (train the two at once, then evaluate with --reuse)")
     x.add_argument("--reuse", action="store_true", help="evaluate OUT/text-*.pt when present instead of training")

@@ -25,6 +25,8 @@ class MemGPTConfig:
     memory carries everything older. Each block has one memory layer with ``memory_heads``
     heads of ``memory_capacity`` slots per sample. ``token_shift`` adds a learned embedding of
     the previous token to each input embedding (see the README's design decisions).
+    ``qk_norm`` makes memory reads cosine similarities with a learned per-head scale, starting
+    at ``scale`` (default 10; see :class:`memgpt.layers.SoftmaxReader`).
     """
 
     vocab_size: int
@@ -46,6 +48,7 @@ class MemGPTConfig:
     fusion_bias_init: float = -3.0
     tie_embeddings: bool = True
     token_shift: bool = True
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "segment_len", "memory_capacity", "memory_heads"):
@@ -65,6 +68,8 @@ class MemGPTConfig:
             raise ValueError(f"MemGPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.usage_decay <= 1.0:
             raise ValueError(f"MemGPTConfig.usage_decay must be in [0, 1], got {self.usage_decay}")
+        if not isinstance(self.qk_norm, bool):
+            raise TypeError(f"MemGPTConfig.qk_norm must be a bool, got {type(self.qk_norm).__name__} ({self.qk_norm!r})")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"MemGPTConfig.scale must be > 0, got {self.scale}")
 

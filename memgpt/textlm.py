@@ -55,6 +55,12 @@ class TextConfig:
     memory_heads: int = 4
     memory_capacity: int = 512
     fusion_bias_init: float = 0.0  # an even mix at the start: most of a character's prediction is local
+    qk_norm: bool = False  # cosine-similarity memory reads with a learned scale (MemGPTConfig.qk_norm)
+    top_k: int | None = None  # read only the top_k best slots (MemGPTConfig.top_k)
+    # Training data: this fraction of windows gets one chunk repeated >= 1 segment further on
+    # (TextWindowTask.repeat_prob); both models train on the same windows. Evaluation never has it.
+    repeat_prob: float = 0.0
+    repeat_len: tuple[int, int] = (32, 256)
     context: int = 16  # far-copyable: this many preceding characters
     eval_split: str = "test"
     eval_files: int = 0  # 0 = every file of the split
@@ -71,7 +77,10 @@ class TextConfig:
 
     @property
     def task_kwargs(self) -> dict:
-        return {"segment_len": self.segment_len, "segments": self.segments, "split": "train", "root": self.root}
+        kw = {"segment_len": self.segment_len, "segments": self.segments, "split": "train", "root": self.root}
+        if self.repeat_prob:  # only when used: older checkpoints' task_kwargs stay as they were
+            kw.update(repeat_prob=self.repeat_prob, repeat_len=tuple(self.repeat_len))
+        return kw
 
 
 def build_text_model(cfg: TextConfig) -> MemGPTModel:
@@ -80,7 +89,7 @@ def build_text_model(cfg: TextConfig) -> MemGPTModel:
         MemGPTConfig(
             vocab_size=CharVocab.size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, segment_len=cfg.segment_len,
             memory_capacity=cfg.memory_capacity, memory_heads=cfg.memory_heads,
-            fusion_bias_init=cfg.fusion_bias_init,
+            fusion_bias_init=cfg.fusion_bias_init, qk_norm=cfg.qk_norm, top_k=cfg.top_k,
         )
     )
 

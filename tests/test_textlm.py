@@ -106,3 +106,33 @@ def test_tiny_training_run(tmp_path):
     assert (tmp_path / "out" / "text-memory.pt").exists() and (tmp_path / "out" / "text-baseline.pt").exists()
     again = run_text(cfg, tmp_path / "out", progress=False, reuse=True)  # evaluates the saved models
     assert again["memory"]["overall"] == pytest.approx(r["memory"]["overall"], abs=1e-5)
+
+
+def test_config_options_reach_the_model_and_the_task(tmp_path):
+    """qk_norm and top_k build the memory readers; repeat_prob reaches the training windows (and
+    is absent from the task's arguments when off, so older checkpoints' task_kwargs are unchanged)."""
+    cfg = tiny(qk_norm=True, top_k=4, repeat_prob=0.5, repeat_len=(4, 8))
+    model = build_text_model(cfg)
+    readers = [b.memory.reader for b in model.blocks]
+    assert all(r.qk_norm and r.top_k == 4 for r in readers)
+    assert model.config.qk_norm and model.config.top_k == 4
+    assert cfg.task_kwargs["repeat_prob"] == 0.5 and cfg.task_kwargs["repeat_len"] == (4, 8)
+    assert "repeat_prob" not in tiny().task_kwargs and not build_text_model(tiny()).config.qk_norm
+    for name in ("a.py", "b.py", "c.py"):
+        (tmp_path / name).write_text("".join(f"x_{i} = {i}\n" for i in range(40)))
+    from memgpt.train import make_task
+
+    task = make_task("text", **{**cfg.task_kwargs, "root": str(tmp_path)})
+    assert task.repeat_prob == 0.5 and task.repeat_len == (4, 8) and task.repeat_distance == (8, 24)
+
+
+def test_cli_text_flags():
+    from memgpt.cli import build_parser, text_config
+
+    parse = build_parser().parse_args
+    default = text_config(parse(["text"]))
+    assert default == TextConfig(fusion_bias_init=default.fusion_bias_init)  # no flag: TextConfig's defaults
+    cfg = text_config(parse(["text", "--no-qk-norm", "--top-k", "8", "--repeat-prob", "0.25", "--steps", "7"]))
+    assert (cfg.qk_norm, cfg.top_k, cfg.repeat_prob, cfg.train.steps) == (False, 8, 0.25, 7)
+    assert text_config(parse(["text", "--qk-norm", "--top-k", "0"])).qk_norm is True
+    assert text_config(parse(["text", "--top-k", "0"])).top_k is None

@@ -3,6 +3,8 @@
 - :class:`TextWindowTask`: windows of ``segments * segment_len`` characters at offsets drawn
   uniformly over every valid (file, offset) pair of a split; the target at each position is the
   next character. Each window is its own sample, so memory starts empty at every window.
+  ``repeat_prob`` > 0 copies, in that fraction of windows, one chunk of the window further on
+  (:func:`insert_repeats`): a change of the training data, off by default.
 - :func:`far_copyable_mask`: which characters could be copied from far back: those whose
   preceding ``context`` characters last occurred more than ``distance`` characters earlier.
 - :func:`copy_probe`: ``[A][filler][A]`` with ``A`` a chunk of one file and the filler from
@@ -20,7 +22,7 @@ from torch import Tensor
 from .base import IGNORE_INDEX, TaskBatch, positive
 from .stdlib_text import CharVocab, StdlibCorpus
 
-__all__ = ["TextWindowTask", "far_copyable_mask", "copy_probe"]
+__all__ = ["TextWindowTask", "far_copyable_mask", "copy_probe", "insert_repeats"]
 
 
 def _window_counts(lengths: Tensor, need: int) -> Tensor:
@@ -42,22 +44,76 @@ def sample_windows(files: list[Tensor], length: int, batch_size: int, generator:
     return torch.stack([files[int(f)][int(o) : int(o) + length].long() for f, o in zip(which, offsets)])
 
 
+def insert_repeats(
+    windows: Tensor, prob: float, *, min_len: int, max_len: int, min_distance: int, max_distance: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """windows (b L) -> a copy where each row, with probability ``prob``, has one chunk repeated.
+
+    Per chosen row: a length ``c`` uniform in [min_len, max_len], a distance ``D`` uniform in
+    [min_distance, min(max_distance, L - c)], a source start ``s`` uniform in [0, L - c - D];
+    then ``row[s+D : s+D+c] = row[s : s+c]`` (the original chunk). With ``min_distance`` >= the
+    segment length, every repeated character's source lies in an earlier segment, so only
+    memory can copy it. No random number is drawn when ``prob`` is 0.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"insert_repeats: prob must be in [0, 1], got {prob}")
+    if prob == 0.0:
+        return windows
+    b, L = windows.shape
+    if not 1 <= min_len <= max_len or not 1 <= min_distance <= max_distance or min_distance + min_len > L:
+        raise ValueError(
+            f"insert_repeats: need 1 <= min_len <= max_len, 1 <= min_distance <= max_distance and "
+            f"min_distance + min_len <= window length {L}; got lengths [{min_len}, {max_len}], "
+            f"distances [{min_distance}, {max_distance}]"
+        )
+    out = windows.clone()
+    chosen = torch.rand(b, generator=generator) < prob
+    for r in chosen.nonzero().flatten().tolist():
+        c = int(torch.randint(min_len, min(max_len, L - min_distance) + 1, (1,), generator=generator))
+        hi = min(max_distance, L - c)
+        d = int(torch.randint(min_distance, hi + 1, (1,), generator=generator))
+        s = int(torch.randint(0, L - c - d + 1, (1,), generator=generator))
+        out[r, s + d : s + d + c] = windows[r, s : s + c]
+    return out
+
+
 @dataclass
 class TextWindowTask:
     """Next-character prediction on windows of ``segments * segment_len`` characters of ``split``.
 
     ``root`` None = the running interpreter's stdlib. The files are read once, at construction.
+    ``repeat_prob`` > 0: that fraction of windows gets one chunk of ``repeat_len`` (min, max)
+    characters repeated ``repeat_distance`` (min, max; default one segment to the whole window)
+    characters further on (:func:`insert_repeats`), a curriculum for copying through memory.
     """
 
     segment_len: int = 128
     segments: int = 8
     split: str = "train"
     root: str | None = None
+    repeat_prob: float = 0.0
+    repeat_len: tuple[int, int] = (32, 256)
+    repeat_distance: tuple[int, int] | None = None
     files: list[Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         positive("TextWindowTask", "segment_len", self.segment_len)
         positive("TextWindowTask", "segments", self.segments)
+        if isinstance(self.repeat_prob, bool) or not isinstance(self.repeat_prob, (int, float)) or not (
+            0.0 <= self.repeat_prob <= 1.0
+        ):
+            raise ValueError(f"TextWindowTask.repeat_prob must be a float in [0, 1], got {self.repeat_prob!r}")
+        self.repeat_len = tuple(self.repeat_len)
+        if self.repeat_distance is None:
+            self.repeat_distance = (self.segment_len, self.seq_len)
+        self.repeat_distance = tuple(self.repeat_distance)
+        for name in ("repeat_len", "repeat_distance"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi) or not (
+                1 <= lo_hi[0] <= lo_hi[1]
+            ):
+                raise ValueError(f"TextWindowTask.{name} must be two ints 1 <= min <= max, got {lo_hi!r}")
         corpus = StdlibCorpus.scan(self.root)
         self.files = [ids for _, ids in corpus.load(self.split)]
 
@@ -73,6 +129,10 @@ class TextWindowTask:
         """input_ids (b L), targets (b L) = the next character at every position."""
         positive("TextWindowTask.sample", "batch_size", batch_size)
         windows = sample_windows(self.files, self.seq_len + 1, batch_size, generator)
+        if self.repeat_prob:
+            (lo, hi), (dlo, dhi) = self.repeat_len, self.repeat_distance
+            windows = insert_repeats(windows, float(self.repeat_prob), min_len=lo, max_len=hi, min_distance=dlo,
+                                     max_distance=dhi, generator=generator)
         return TaskBatch(windows[:, :-1], windows[:, 1:].contiguous(), self.segment_len, self.segments - 1)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from memgpt.tasks import IGNORE_INDEX
 from memgpt.tasks.stdlib_text import CharVocab
-from memgpt.tasks.text_windows import TextWindowTask, copy_probe, far_copyable_mask, sample_windows
+from memgpt.tasks.text_windows import TextWindowTask, copy_probe, far_copyable_mask, insert_repeats, sample_windows
 
 V = CharVocab()
 
@@ -122,3 +122,48 @@ def test_text_window_task(tmp_path):
     assert torch.equal(batch.input_ids, again.input_ids)
     with pytest.raises(ValueError, match="segments must be >= 1"):
         TextWindowTask(segments=0, root=str(tmp_path))
+
+
+def test_insert_repeats_copies_one_chunk_far_enough_back():
+    windows = torch.arange(8 * 100).view(8, 100) % 1000  # all characters distinct within a row
+    out = insert_repeats(windows, 1.0, min_len=5, max_len=20, min_distance=30, max_distance=60,
+                         generator=torch.Generator().manual_seed(0))
+    for row, new in zip(windows, out):
+        changed = (row != new).nonzero().flatten()
+        assert len(changed) >= 5, "every row was chosen: one chunk must be overwritten"
+        lo, hi = int(changed[0]), int(changed[-1]) + 1
+        assert hi - lo <= 20 and (changed == torch.arange(lo, hi)).all()  # one contiguous chunk
+        d = int(row[lo] - new[lo])  # rows are arange: the copied value tells the distance back
+        assert 30 <= d <= 60 and torch.equal(new[lo:hi], row[lo - d : hi - d])
+
+
+def test_insert_repeats_probability_and_no_draws_at_zero():
+    windows = torch.arange(400 * 64).view(400, 64)
+    g = torch.Generator().manual_seed(1)
+    out = insert_repeats(windows, 0.25, min_len=4, max_len=8, min_distance=16, max_distance=32, generator=g)
+    frac = float((out != windows).any(dim=1).float().mean())
+    assert abs(frac - 0.25) < 0.07
+    g0, g1 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert insert_repeats(windows, 0.0, min_len=4, max_len=8, min_distance=16, max_distance=32, generator=g0) is windows
+    assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=g1))  # nothing was drawn
+    with pytest.raises(ValueError, match="prob must be in"):
+        insert_repeats(windows, 1.5, min_len=4, max_len=8, min_distance=16, max_distance=32, generator=g)
+    with pytest.raises(ValueError, match="min_distance \\+ min_len <= window length 64"):
+        insert_repeats(windows, 0.5, min_len=40, max_len=48, min_distance=32, max_distance=40, generator=g)
+
+
+def test_text_window_task_repeats(tmp_path):
+    text = "".join(f"def f{i}(x):\n\treturn x + {i}\n" for i in range(200))
+    for name in ("a.py", "b.py", "c.py", "d.py"):
+        (tmp_path / name).write_text(text)
+    plain = TextWindowTask(segment_len=16, segments=4, split="train", root=str(tmp_path))
+    rep = TextWindowTask(segment_len=16, segments=4, split="train", root=str(tmp_path), repeat_prob=1.0,
+                         repeat_len=(8, 8))
+    assert rep.repeat_distance == (16, 64)
+    a, b = plain.sample(6, torch.Generator().manual_seed(0)), rep.sample(6, torch.Generator().manual_seed(0))
+    assert torch.equal(b.input_ids[:, 1:], b.targets[:, :-1])  # targets still = next character
+    assert not torch.equal(a.input_ids, b.input_ids)
+    with pytest.raises(ValueError, match="repeat_prob must be a float in"):
+        TextWindowTask(root=str(tmp_path), repeat_prob=2.0)
+    with pytest.raises(ValueError, match="repeat_len must be two ints"):
+        TextWindowTask(root=str(tmp_path), repeat_len=(9, 3))
