@@ -5,7 +5,9 @@
    BPTT, the memory full after the first step) against a same-size plain transformer (memgpt's
    own attention/FFN blocks, causal attention over the whole sequence, ``_models.PlainLM``) and an
    x-transformers ``TransformerWrapper`` (flash attention), all with the same width, depth,
-   heads, FFN, vocabulary and tied embeddings.
+   heads, FFN, vocabulary and tied embeddings; then MemGPT with its writes logged in place
+   (``donate_state=True`` under autograd: no copy of the store per write, each read recomputed
+   in backward), and both kinds of MemGPT again with 8x the memory.
 2. Decoding (greedy ``generate``, one token per call, after an untimed prompt): ``MemGPTModel``
    against (a) the plain KV-cache decoder of the same size, attending over the whole context:
    what you would run without memory; and (b) the same weights with ``memory_capacity=1``:
@@ -99,8 +101,9 @@ def train_step_fn(model, kind: str, ids, targets):
     carry = [None]
 
     def logits_of(ids):
-        if kind == "memgpt":
-            out = model(ids, carry[0])
+        if kind in ("memgpt", "memgpt_logged"):
+            # logged: the memory writes go in place, logged for backward (donate_state under autograd)
+            out = model(ids, carry[0], donate_state=kind == "memgpt_logged")
             carry[0] = out.state.detach()
             return out.logits
         if kind == "plain":
@@ -136,6 +139,10 @@ def bench_training(s: Sizes, device, gen, run_time: float) -> list[dict]:
         print(f"skipped x-transformers: {xt}")
     else:
         models.append(("x-transformers TransformerWrapper", "xt", xt.to(device)))
+    models.append(("MemGPTModel, logged in-place writes", "memgpt_logged", memgpt))
+    big = MemGPTModel(memgpt_config(s, capacity=8 * s.capacity)).to(device)
+    models.append((f"MemGPTModel, memory {8 * s.capacity} per row", "memgpt", big))
+    models.append((f"MemGPTModel, memory {8 * s.capacity}, logged writes", "memgpt_logged", big))
     ids = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen).to(device)
     targets = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen).to(device)
     rows = []

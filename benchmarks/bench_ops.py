@@ -7,9 +7,12 @@ capacity m in {1k, 4k, 16k, 64k}. Reported, all as same-run ratios:
   the read's shapes into preallocated outputs), plus the naive read (matmul, mask, softmax,
   matmul) for scale;
 - top-k read (k = 32): its time over the full read's;
-- write of n tokens, out of place (training: autograd through memory) and in place (inference,
-  ``write(..., inplace=True)``): its time over a contiguous copy of the written bytes, and the
-  time at m over the time at the smallest m (capacity independence);
+- write of n tokens, out of place and in place (inference, ``write(..., inplace=True)``): its
+  time over a contiguous copy of the written bytes, and the time at m over the time at the
+  smallest m (capacity independence);
+- the write under autograd (training), forward and backward with store-sized gradients as the
+  reads after it would leave them: out of place (copies the store) and logged in place
+  (``memgpt.memory.reversible``: forward, and forward + backward);
 - ``--huge``: the top-k read at m = 1,048,576 slots (B=1, H=8, n=256, d=64) in a fresh
   subprocess, its time and its peak extra resident memory above the store itself.
 
@@ -27,7 +30,7 @@ import sys
 import torch
 
 from harness import machine_line, measure
-from memgpt.memory import MemoryState, read, reference, write
+from memgpt.memory import MemoryState, read, reference, start_log, write
 
 
 def full_state(B: int, H: int, m: int, d: int, gen: torch.Generator) -> MemoryState:
@@ -57,6 +60,15 @@ def check_correct(gen: torch.Generator) -> None:
     with torch.no_grad():
         in_place = write(small.clone(), k, v, g, inplace=True)
     torch.testing.assert_close(in_place.keys, slow.keys, rtol=0, atol=0)
+    # A logged in-place write under autograd gives the out-of-place write's gradients.
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    grads = []
+    for inplace in (False, True):
+        state = start_log(small.clone()) if inplace else small
+        state = write(state, *inputs[1:], inplace=inplace)
+        grads.append(torch.autograd.grad(read(inputs[0], state).square().sum(), inputs))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def in_place_writer(state: MemoryState, keys, values, g):
@@ -66,6 +78,36 @@ def in_place_writer(state: MemoryState, keys, values, g):
     def step():
         with torch.no_grad():
             holder[0] = write(holder[0], keys, values, g, inplace=True)
+
+    return step
+
+
+def autograd_writer(state: MemoryState, keys, values, g, grads):
+    """Out-of-place write under autograd, then its backward from store-sized gradients."""
+    leaf = state.replace(keys=state.keys.clone().requires_grad_(), values=state.values.clone().requires_grad_())
+    inputs = [t.clone().requires_grad_() for t in (keys, values, g)]
+
+    def step():
+        new = write(leaf, *inputs)
+        torch.autograd.backward([new.keys, new.values, new.strength], list(grads))
+
+    return step
+
+
+def logged_writer(state: MemoryState, keys, values, g, grads, *, backward: bool):
+    """Logged in-place write under autograd (each call continues from the last state), and its
+    backward with the log's gradient accumulator holding store-sized gradients."""
+    holder = [state.clone()]
+    inputs = [t.clone().requires_grad_() for t in (keys, values, g)]
+    flat = [grads[0].view(-1, grads[0].shape[-1]), grads[1].view(-1, grads[1].shape[-1]), grads[2].view(-1)]
+
+    def step():
+        logged = start_log(holder[0].detach())  # a new graph on the same tensors: no copy
+        logged._log.grads = flat  # as the reads after this write would leave it
+        new = write(logged, *inputs, inplace=True)
+        if backward:
+            new._log.token.backward()
+        holder[0] = new
 
     return step
 
@@ -138,6 +180,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     write_base = inplace_base = None
+    training = []
     for m in capacities:
         state = full_state(B, H, m, d, gen)
         q = torch.randn(B, H, n, d, generator=gen)
@@ -161,6 +204,15 @@ def main() -> None:
         src = torch.randn(2 * B * H * n * d)
         dst = torch.empty_like(src)
         t_copy = measure(lambda: dst.copy_(src), "copy", min_run_time=run_time).median
+        grads = (torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m))
+        training.append((
+            m,
+            t_copy,
+            measure(autograd_writer(state, keys, values, g, grads), "autograd write", min_run_time=run_time).median,
+            measure(logged_writer(state, keys, values, g, grads, backward=False), "logged", min_run_time=run_time).median,
+            measure(logged_writer(state, keys, values, g, grads, backward=True), "logged+bwd", min_run_time=run_time).median,
+        ))
+        del grads
         write_base = write_base or t_write
         inplace_base = inplace_base or t_inplace
         roof = flops / t_roof / 1e9
@@ -172,6 +224,20 @@ def main() -> None:
             flush=True,
         )
         del state, kt, s_out
+    print("\nthe write under autograd (training), forward + backward unless said; ÷copy: over the copy above")
+    header = (
+        f"{'m':>6} | {'out-of-place ms':>15} {'÷@1k':>6} | {'logged fwd ms':>13} {'÷copy':>6} {'÷@1k':>6} | "
+        f"{'logged ms':>9} {'÷copy':>6} {'÷@1k':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    m0, _, a0, f0, b0 = training[0]
+    for m, t_copy, t_auto, t_fwd, t_both in training:
+        print(
+            f"{m:>6} | {t_auto * 1e3:>15.2f} {t_auto / a0:>6.1f} | {t_fwd * 1e3:>13.3f} {t_fwd / t_copy:>6.2f} "
+            f"{t_fwd / f0:>6.2f} | {t_both * 1e3:>9.3f} {t_both / t_copy:>6.2f} {t_both / b0:>6.2f}",
+            flush=True,
+        )
     if args.huge:  # a fresh process, so that its peak resident memory is this read's alone
         subprocess.run([sys.executable, __file__, "--huge-only"], check=True)
 

@@ -59,7 +59,7 @@ class BlockState:
 
     def map(self, fn) -> "BlockState":
         """Apply ``fn`` to every tensor whose first dimension is the batch."""
-        mem = MemoryState(**{k: fn(v) for k, v in self.memory.to_dict().items()})
+        mem = self.memory._map(fn)
         return BlockState(mem, None if self.buffer is None else self.buffer.map(fn))
 
 

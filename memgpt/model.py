@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .block import BlockState, MemGPTBlock, SegmentView
 from .config import MemGPTConfig
 from .layers import MemoryLayer
+from .memory import start_log
 from .model_state import MemGPTState
 
 __all__ = ["MemGPTModel", "MemGPTOutput", "GenerationOutput"]
@@ -192,10 +193,12 @@ class MemGPTModel(nn.Module):
 
         Returns logits (b n vocab) and the new state.
 
-        ``donate_state=True`` (inference: under ``torch.no_grad()``) lets the memory writes go into
-        ``state``'s own memory tensors, so a write costs O(tokens) instead of a copy of every
-        store; ``state`` is consumed (using it again raises). :meth:`generate` does this for the
-        states it makes itself.
+        ``donate_state=True`` lets the memory writes go into ``state``'s own memory tensors, so a
+        write costs O(tokens) instead of a copy of every store; ``state`` is consumed (using it
+        again raises). :meth:`generate` does this for the states it makes itself. Under autograd
+        the writes are logged (:mod:`memgpt.memory.reversible`): the same gradients, with each
+        memory read recomputed in backward; the returned memories carry gradients only through
+        the memory ops (``detach()`` them to carry them on to the next window).
         """
         if not isinstance(donate_state, bool):
             raise TypeError(f"donate_state must be a bool, got {type(donate_state).__name__}")
@@ -237,6 +240,9 @@ class MemGPTModel(nn.Module):
         )
         filled = torch.arange(T, device=device)[None, :] < offset[:, None]  # (b T)
         layer_states = list(state.layers)
+        if donate_state and torch.is_grad_enabled():
+            # Start the write logs before the first read, so that they use the stores as they are.
+            layer_states = [BlockState(start_log(ls.memory), ls.buffer) for ls in layer_states]
         pieces = []
         for r in range(W // T):
             seg = slice(r * T, (r + 1) * T)

@@ -83,6 +83,7 @@ class TrainConfig:
     distances: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)  # sampled uniformly per batch
     num_pairs: tuple[int, ...] = (4,)  # recall only: sampled uniformly per batch
     bptt_segments: int | None = None  # truncated BPTT window in segments (memory model); None = whole sequence
+    inplace_memory: bool = False  # memory model: logged in-place writes (no store copy per write)
     log_every: int = 50
     checkpoint_every: int = 0  # 0 = only at the end (when a path is given)
     extra: dict = field(default_factory=dict)
@@ -99,16 +100,20 @@ def _loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _logits(
-    model: MemGPTModel, kind: str, ids: Tensor, segment_len: int, state: MemGPTState | None = None
+    model: MemGPTModel, kind: str, ids: Tensor, segment_len: int, state: MemGPTState | None = None,
+    inplace_memory: bool = False,
 ) -> tuple[Tensor, MemGPTState | None]:
-    """Logits (b n vocab) of ``model`` run as ``kind`` on ids (b n), and the memory kind's new state."""
+    """Logits (b n vocab) of ``model`` run as ``kind`` on ids (b n), and the memory kind's new state.
+
+    ``inplace_memory``: the memory kind writes into ``state`` in place (donating it; under
+    autograd the writes are logged, see :mod:`memgpt.memory.reversible`)."""
     if kind == "baseline":
         chunks = [model(ids[:, s : s + segment_len]).logits for s in range(0, ids.shape[1], segment_len)]
         return torch.cat(chunks, dim=1), None
     if kind == "oracle":
         return model(ids).logits, None
     if kind == "memory":
-        out = model(ids, state)
+        out = model(ids, state, donate_state=inplace_memory)
         return out.logits, out.state
     raise ValueError(f"unknown model kind {kind!r}: expected one of {MODEL_KINDS}")
 
@@ -122,14 +127,17 @@ class TaskLoss(nn.Module):
     ``state`` (memory kind; else None) come back detached: the loss is the only output with a
     graph. That is what DistributedDataParallel needs: one forward per backward, and exactly the
     parameters the loss uses reachable from the outputs. ``state`` continues a stream (truncated
-    BPTT windows; memory kind only).
+    BPTT windows; memory kind only). ``inplace_memory=True`` writes the memory in place (logged
+    for backward) instead of copying each store per write; ``state`` is then consumed.
     """
 
-    def __init__(self, model: MemGPTModel, kind: str) -> None:
+    def __init__(self, model: MemGPTModel, kind: str, *, inplace_memory: bool = False) -> None:
         super().__init__()
         if kind not in MODEL_KINDS:
             raise ValueError(f"unknown model kind {kind!r}: expected one of {MODEL_KINDS}")
-        self.model, self.kind = model, kind
+        if not isinstance(inplace_memory, bool):
+            raise TypeError(f"inplace_memory must be a bool, got {type(inplace_memory).__name__}")
+        self.model, self.kind, self.inplace_memory = model, kind, inplace_memory
 
     def forward(
         self,
@@ -141,7 +149,7 @@ class TaskLoss(nn.Module):
     ) -> tuple[Tensor, Tensor, MemGPTState | None]:
         if state is not None and self.kind != "memory":
             raise ValueError(f"only the memory kind carries a state between calls, got kind {self.kind!r}")
-        logits, state = _logits(self.model, self.kind, input_ids, segment_len, state)
+        logits, state = _logits(self.model, self.kind, input_ids, segment_len, state, self.inplace_memory)
         if denominator is None:
             loss = _loss(logits, targets)
         else:
@@ -240,7 +248,7 @@ class Trainer:
                 f"batch_size is the global batch and must be divisible by the {self.world.size} ranks, "
                 f"got {cfg.batch_size}"
             )
-        task_loss = TaskLoss(model, kind)
+        task_loss = TaskLoss(model, kind, inplace_memory=cfg.inplace_memory)
         # Some runs leave parameters without a gradient, which DDP must be told about: the baseline
         # and the oracle never read what the writer wrote, nor does a one-segment BPTT window. The
         # memory model over whole multi-segment sequences uses every parameter (and DDP warns on

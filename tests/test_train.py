@@ -41,6 +41,22 @@ def test_truncated_bptt_trains_and_detaches():
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
 
 
+@pytest.mark.parametrize("bptt_segments", [None, 2])
+def test_inplace_memory_trains_like_the_copying_writes(bptt_segments):
+    """Logged in-place writes give the same steps (up to fp32 rounding: fused vs math read kernel)."""
+    runs = []
+    for inplace in (False, True):
+        trainer = Trainer(
+            tiny_model(), "memory", "recall", TASK, tiny_cfg(steps=4, bptt_segments=bptt_segments, inplace_memory=inplace)
+        )
+        runs.append((trainer.fit(progress=False), trainer.model.state_dict()))
+    (hist_a, params_a), (hist_b, params_b) = runs
+    for a, b in zip(hist_a, hist_b, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for name in params_a:
+        torch.testing.assert_close(params_b[name], params_a[name], rtol=1e-3, atol=1e-4)
+
+
 def test_resume_is_bit_identical(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     a = Trainer(tiny_model(), "memory", "recall", TASK, tiny_cfg(steps=6))

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..memory import USAGE_DECAY, MemoryState, write
 from ..memory.checks import check_eviction
+from ..memory.reversible import carry_log
 from ._validation import check_input, check_token_mask, positive_int
 from .fusion import GatedFusion
 from .reader import SoftmaxReader
@@ -87,7 +88,8 @@ class MemoryLayer(nn.Module):
         """Read and fuse: x (b n d) -> (y (b n d), state with usage updated when eviction='usage')."""
         y = self.fusion(x, self.reader(x, state))
         if self.eviction == "usage":
-            state = state.replace(usage=state.usage + self.reader.usage(x, state, mask))
+            usage = state.usage + self.reader.usage(x, state, mask)
+            state = carry_log(state, state.replace(usage=usage))  # a logged store stays in its log
         return y, state
 
     def write(self, x: Tensor, state: MemoryState, mask: Tensor | None = None) -> MemoryState:
@@ -106,8 +108,8 @@ class MemoryLayer(nn.Module):
     ) -> MemoryState:
         """Write the writer's outputs (keys (b h n dk), values (b h n dv), strength (b h n)).
 
-        ``inplace=True`` (inference) writes into ``state``'s tensors and donates it; see
-        :func:`memgpt.memory.write`.
+        ``inplace=True`` writes into ``state``'s tensors and donates it (logged under autograd);
+        see :func:`memgpt.memory.write`.
         """
         return write(
             state,

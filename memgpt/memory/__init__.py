@@ -2,7 +2,8 @@
 
 from .checks import EVICTION_POLICIES
 from .read import TOP_K_CHUNK, read, read_usage
+from .reversible import start_log
 from .state import MemoryState
 from .write import USAGE_DECAY, write
 
-__all__ = ["MemoryState", "read", "read_usage", "write", "EVICTION_POLICIES", "USAGE_DECAY", "TOP_K_CHUNK"]
+__all__ = ["MemoryState", "read", "read_usage", "write", "EVICTION_POLICIES", "USAGE_DECAY", "TOP_K_CHUNK", "start_log"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_read_args, resolve_scale
+from .reversible import logged_read
 from .state import MemoryState
 
 __all__ = ["read", "read_usage", "slot_bias", "TOP_K_CHUNK"]
@@ -68,6 +69,13 @@ def read(
     """
     check_read_args(q, state, top_k)
     s = resolve_scale(scale, state.key_dim)
+    if state._log is not None and torch.is_grad_enabled():
+        # A store written in place under autograd: the read records only the store's version.
+        return logged_read(q, state, lambda q_, state_: _read(q_, state_, s, top_k, gated_scores))
+    return _read(q, state, s, top_k, gated_scores)
+
+
+def _read(q: Tensor, state: MemoryState, s: float, top_k: int | None, gated_scores: bool) -> Tensor:
     if top_k is not None:
         return _read_top_k(q, state, s, top_k, gated_scores)
     ct = _compute_dtype(q.dtype, q.device)

@@ -59,6 +59,10 @@ class MemoryState:
 
     # Set (on the instance) when an in-place write took this state's tensors; not a field.
     _donated = False
+    # Set (on the instance) for a store written in place under autograd: its write log and the
+    # version of it this state is (see memgpt.memory.reversible); not fields.
+    _log = None
+    _version = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,8 +233,18 @@ class MemoryState:
         kwargs.update(changes)
         return MemoryState(**kwargs)
 
+    def _check_copy_keeps_grad(self) -> None:
+        if self._log is not None and self._log.token is not None and torch.is_grad_enabled():
+            raise RuntimeError(
+                "this memory state is written in place under autograd (its gradients flow only through "
+                "memgpt.memory.read and write); copying its tensors here would silently cut them. "
+                "Call detach() first, or do this under torch.no_grad()"
+            )
+
     def _map(self, fn) -> "MemoryState":
         self.check_live()
+        if fn is not Tensor.detach:
+            self._check_copy_keeps_grad()
         return MemoryState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     def detach(self) -> "MemoryState":
@@ -250,6 +264,7 @@ class MemoryState:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryState":
         """Move to ``device``; ``dtype`` converts keys and values, and metadata to ``metadata_dtype(dtype)``."""
         self.check_live()
+        self._check_copy_keeps_grad()
         if dtype is not None:
             _require(
                 isinstance(dtype, torch.dtype) and dtype.is_floating_point,

@@ -23,10 +23,12 @@ Two ways to apply a write, with identical results:
 
 - out of place (default): a new store; the old one is untouched, so autograd and callers that
   keep it see what they kept. Costs one copy of the whole store (O(capacity)).
-- in place (``inplace=True``, inference only): the rows are copied into the given store
-  (O(tokens written) for ``fifo``; ``strength``/``usage`` still scan the O(capacity) metadata to
-  choose victims), and the given state is *donated*: using it again raises. This is what makes
-  decoding with a large memory cheap; see :func:`write`.
+- in place (``inplace=True``): the rows are copied into the given store (O(tokens written) for
+  ``fifo``; ``strength``/``usage`` still scan the O(capacity) metadata to choose victims), and
+  the given state is *donated*: using it again raises. This is what makes decoding with a large
+  memory cheap. Under autograd the write is *logged* (:mod:`memgpt.memory.reversible`): it keeps
+  the rows it overwrites, so backward can roll the store back, and gradients flow through
+  :func:`read` and :func:`write` as with the out-of-place write; see :func:`write`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_write_args
+from .reversible import logged_write
 from .state import MemoryState
 
 __all__ = ["write", "USAGE_DECAY"]
@@ -99,14 +102,35 @@ def _scatter_rows(store: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
     return fresh[: b * h * m].view(b, h, m, d)
 
 
-def _check_inplace_allowed(state: MemoryState, keys: Tensor, values: Tensor, strength: Tensor) -> None:
-    if torch.is_grad_enabled() and any(
+def _records_grad(state: MemoryState, keys: Tensor, values: Tensor, strength: Tensor) -> bool:
+    """Whether autograd records this write (then an in-place write must be a logged one)."""
+    if not torch.is_grad_enabled():
+        return False
+    return state._log is not None or any(
         t.requires_grad for t in (keys, values, strength, state.keys, state.values, state.strength)
-    ):
-        raise RuntimeError(
-            "write(..., inplace=True) is for inference: autograd would need the overwritten slots. "
-            "Run it under torch.no_grad() / torch.inference_mode(), or use inplace=False"
-        )
+    )
+
+
+def _write_logged(
+    state: MemoryState,
+    dest: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    g: Tensor,
+    step_new: Tensor,
+    usage_old: Tensor,
+    n_written: Tensor,
+) -> MemoryState:
+    """The in-place write under autograd: the same rows as :func:`_apply_in_place`, logged first."""
+    b, h, n, _ = keys.shape
+    m = state.capacity
+    src = (dest < m).flatten().nonzero().squeeze(1)  # (r,) flat (b h n) tokens that land
+    slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten().index_select(0, src)
+
+    def apply(target: MemoryState) -> MemoryState:
+        return _apply_in_place(target, dest, keys, values, g, step_new, usage_old, n_written)
+
+    return logged_write(state, keys, values, g, slot, src, apply)
 
 
 def _apply_in_place(
@@ -217,15 +241,22 @@ def write(
     strength and to the surviving slots of the old state.
 
     ``inplace=True`` writes into ``state``'s own tensors instead of a copy and returns a state
-    sharing them; ``state`` is donated (reading or writing it again raises). It is for inference:
-    it raises if autograd would record the write. A store that is not contiguous (e.g. one made
-    by an out-of-place write) is made contiguous once first.
+    sharing them; ``state`` is donated (reading or writing it again raises). A store that is not
+    contiguous is made contiguous once first. Under autograd the write is logged instead
+    (:mod:`memgpt.memory.reversible`): the first such write copies the store once (a plain read
+    may have saved its tensors; :func:`memgpt.memory.start_log` before the first read avoids
+    that copy), later ones are O(tokens); the returned state's tensors do not require grad, and
+    its gradients flow through :func:`read` and :func:`write` only.
     """
     check_write_args(state, keys, values, strength, mask, eviction, usage_decay)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if inplace:
-        _check_inplace_allowed(state, keys, values, strength)
+    records = _records_grad(state, keys, values, strength)
+    if records and not inplace and state._log is not None:
+        raise RuntimeError(
+            "this memory state is written in place under autograd (it has a write log): continue with "
+            "write(..., inplace=True), or detach() it to start a new graph"
+        )
     b, h, n, dk = keys.shape
     if n == 0:
         return state
@@ -249,6 +280,8 @@ def write(
     else:  # usage
         dest = _priority_destinations(state, usage_old, torch.ones_like(g), step_new, rank, mask, n_written)
 
+    if inplace and records:
+        return _write_logged(state, dest, keys, values, g, step_new, usage_old, n_written)
     if inplace:
         return _apply_in_place(state, dest, keys, values, g, step_new, usage_old, n_written)
 

@@ -115,14 +115,14 @@ def test_a_donated_state_refuses_to_be_used(use):
     use(new, torch.randn(1, 1, 2, 2), kv)  # the returned state is live
 
 
-def test_inplace_refuses_autograd():
+def test_inplace_under_autograd_is_logged_and_checks_its_flag():
     state = MemoryState.empty(1, 1, 4, 2, 2)
     k = torch.randn(1, 1, 3, 2, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"inplace=True\) is for inference.*torch\.no_grad"):
-        write(state, k, k.detach(), torch.rand(1, 1, 3), inplace=True)
-    assert not state._donated  # a refused write donates nothing
+    new = write(state, k, k.detach(), torch.rand(1, 1, 3), inplace=True)
+    assert new._log is not None and state._donated  # see test_write_logged.py for its gradients
     with torch.no_grad():
-        write(state, k, k, torch.rand(1, 1, 3), inplace=True)  # fine without recording
+        plain = write(MemoryState.empty(1, 1, 4, 2, 2), k, k, torch.rand(1, 1, 3), inplace=True)
+    assert plain._log is None  # nothing recorded: a plain in-place write
     with pytest.raises(TypeError, match="inplace must be a bool, got int"):
         write(MemoryState.empty(1, 1, 4, 2, 2), k.detach(), k.detach(), torch.rand(1, 1, 3), inplace=1)
 
