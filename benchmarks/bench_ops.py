@@ -10,6 +10,10 @@ capacity m in {1k, 4k, 16k, 64k}. Reported, all as same-run ratios:
 - write of n tokens, out of place and in place (inference, ``write(..., inplace=True)``): its
   time over a contiguous copy of the written bytes, and the time at m over the time at the
   smallest m (capacity independence);
+- the full read under autograd (training), forward + backward: the library's (slot bias folded
+  into the keys, so that SDPA's fused flash kernel runs both ways) against SDPA with the bias
+  as a float mask that needs a gradient (its unfused math path, what the read used before;
+  m <= 16k, as it materialises the n x m weights several times);
 - the write under autograd (training), forward and backward with store-sized gradients as the
   reads after it would leave them: out of place (copies the store) and logged in place
   (``memgpt.memory.reversible``: forward, and forward + backward);
@@ -19,6 +23,7 @@ capacity m in {1k, 4k, 16k, 64k}. Reported, all as same-run ratios:
     python benchmarks/bench_ops.py            # the full table (minutes)
     python benchmarks/bench_ops.py --quick    # m = 1k only, short timings (CI: never asserts speed)
     python benchmarks/bench_ops.py --huge     # also the 1M-slot top-k peak-memory check (~1 min)
+    python benchmarks/bench_ops.py --device cuda --huge   # the same on a GPU
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ import subprocess
 import sys
 
 import torch
+import torch.nn.functional as F
 
+from _report import resolve_device
 from harness import machine_line, measure
 from memgpt.memory import MemoryState, read, reference, start_log, write
 
 
-def full_state(B: int, H: int, m: int, d: int, gen: torch.Generator) -> MemoryState:
+def full_state(B: int, H: int, m: int, d: int, gen: torch.Generator, device="cpu") -> MemoryState:
+    """A full store of random contents (made on the CPU from ``gen``, then moved to ``device``)."""
     state = MemoryState.empty(B, H, m, d, d)
     return state.replace(
         keys=torch.randn(B, H, m, d, generator=gen),
@@ -42,24 +50,32 @@ def full_state(B: int, H: int, m: int, d: int, gen: torch.Generator) -> MemorySt
         strength=torch.rand(B, H, m, generator=gen) * 0.9 + 0.1,
         step=torch.arange(m).expand(B, H, m).contiguous(),
         count=torch.full((B,), m, dtype=torch.long),
-    )
+    ).to(device)
 
 
-def check_correct(gen: torch.Generator) -> None:
+def check_correct(gen: torch.Generator, device: torch.device) -> None:
     """Fast == reference on a small case before anything is timed."""
-    state = full_state(2, 2, 300, 16, gen)
-    q = torch.randn(2, 2, 7, 16, generator=gen)
+    state = full_state(2, 2, 300, 16, gen, device)
+    q = torch.randn(2, 2, 7, 16, generator=gen).to(device)
     torch.testing.assert_close(read(q, state), reference.read(q, state), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(read(q, state, top_k=8), reference.read(q, state, top_k=8), rtol=1e-4, atol=1e-5)
-    k, v = torch.randn(2, 2, 5, 16, generator=gen), torch.randn(2, 2, 5, 16, generator=gen)
-    g = torch.rand(2, 2, 5, generator=gen)
-    small = full_state(2, 2, 9, 16, gen)
+    k, v = torch.randn(2, 2, 5, 16, generator=gen).to(device), torch.randn(2, 2, 5, 16, generator=gen).to(device)
+    g = torch.rand(2, 2, 5, generator=gen).to(device)
+    small = full_state(2, 2, 9, 16, gen, device)
     fast, slow = write(small, k, v, g), reference.write(small, k, v, g)
     torch.testing.assert_close(fast.keys, slow.keys)
     torch.testing.assert_close(fast.values, slow.values)
     with torch.no_grad():
         in_place = write(small.clone(), k, v, g, inplace=True)
     torch.testing.assert_close(in_place.keys, slow.keys, rtol=0, atol=0)
+    # The training read (folded bias, flash kernel) has the reference's gradients.
+    grads = []
+    for fn in (read, reference.read):
+        leaves = [q.clone().requires_grad_()] + [getattr(state, f).clone().requires_grad_() for f in ("keys", "values", "strength")]
+        out = fn(leaves[0], state.replace(keys=leaves[1], values=leaves[2], strength=leaves[3]))
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # A logged in-place write under autograd gives the out-of-place write's gradients.
     inputs = [t.clone().requires_grad_() for t in (q, k, v, g)]
     grads = []
@@ -78,6 +94,25 @@ def in_place_writer(state: MemoryState, keys, values, g):
     def step():
         with torch.no_grad():
             holder[0] = write(holder[0], keys, values, g, inplace=True)
+
+    return step
+
+
+def math_path_read(q, state, scale):
+    """The read as it was computed under autograd before the folded bias: a float mask needing a
+    gradient, which sends SDPA to its math path."""
+    bias = torch.log(state.strength)[:, :, None, :].expand(-1, -1, q.shape[2], -1)
+    return F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=bias, scale=scale)
+
+
+def training_read(fn, q, state):
+    """Forward + backward of ``fn(q, state)`` w.r.t. q, keys, values and strength."""
+    leaves = [q.clone().requires_grad_()] + [getattr(state, f).clone().requires_grad_() for f in ("keys", "values", "strength")]
+    leaf_state = state.replace(keys=leaves[1], values=leaves[2], strength=leaves[3])
+    grad_out = torch.randn(q.shape[:3] + (state.value_dim,), device=q.device)
+
+    def step():
+        torch.autograd.grad(fn(leaves[0], leaf_state), leaves, grad_out)
 
     return step
 
@@ -131,16 +166,22 @@ def _peak_rss() -> int:
     return _rss_field("VmHWM")
 
 
-def huge_top_k(m: int = 1 << 20) -> None:
-    """Top-k read at a million slots: time and peak extra resident memory (run in a fresh process)."""
+def huge_top_k(device: torch.device, m: int = 1 << 20) -> None:
+    """Top-k read at a million slots: time and peak extra memory (run in a fresh process): resident
+    memory on the CPU, allocated memory on CUDA."""
     B, H, n, d, k = 1, 8, 256, 64, 32
     gen = torch.Generator().manual_seed(0)
-    state = full_state(B, H, m, d, gen)
-    q = torch.randn(B, H, n, d, generator=gen)
+    state = full_state(B, H, m, d, gen, device)
+    q = torch.randn(B, H, n, d, generator=gen).to(device)
     read(q[:, :, :1], state, top_k=k)  # warm up the allocator on small shapes
-    base = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() // 1024
+    else:
+        base = _reset_peak_rss()
     timing = measure(lambda: read(q, state, top_k=k), "top-k @1M", min_run_time=2.0)
-    peak = _peak_rss() - base
+    peak = (torch.cuda.max_memory_allocated() // 1024 if device.type == "cuda" else _peak_rss()) - base
     store_mib = (state.keys.numel() + state.values.numel()) * 4 / 2**20
     scores_mib = B * H * n * m * 4 / 2**20
     print(
@@ -162,17 +203,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--huge", action="store_true", help="also the top-k read at m = 1M (fresh process)")
     parser.add_argument("--huge-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.huge_only:
-        huge_top_k()
+        huge_top_k(device)
         return
     B, H, n, d, k = 8, 8, 256, 64, 32
     capacities = [1024] if args.quick else [1024, 4096, 16384, 65536]
     run_time = 0.2 if args.quick else 1.0
     gen = torch.Generator().manual_seed(0)
-    check_correct(gen)
+    check_correct(gen, device)
     print(machine_line())
-    print(f"B={B} H={H} n={n} d={d} fp32; top-k k={k}; ratios are same-run")
+    print(f"B={B} H={H} n={n} d={d} fp32 on {device}; top-k k={k}; ratios are same-run")
     header = (
         f"{'m':>6} | {'roofline GF/s':>13} | {'read GF/s':>9} {'÷roof':>6} | {'naive ÷roof':>11} | "
         f"{'top-k ÷ full':>12} | {'write ms':>8} {'÷copy':>7} {'÷@1k':>6} | {'in-place ms':>11} {'÷copy':>6} {'÷@1k':>6}"
@@ -180,14 +223,14 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     write_base = inplace_base = None
-    training = []
+    training, training_reads = [], []
     for m in capacities:
-        state = full_state(B, H, m, d, gen)
-        q = torch.randn(B, H, n, d, generator=gen)
+        state = full_state(B, H, m, d, gen, device)
+        q = torch.randn(B, H, n, d, generator=gen).to(device)
         flops = 4 * B * H * n * m * d
         kt = state.keys.transpose(-1, -2).reshape(B * H, d, m).contiguous()
         qf, vf = q.reshape(B * H, n, d), state.values.reshape(B * H, m, d)
-        s_out, o_out = torch.empty(B * H, n, m), torch.empty(B * H, n, d)
+        s_out, o_out = torch.empty(B * H, n, m, device=device), torch.empty(B * H, n, d, device=device)
 
         def roofline():
             torch.bmm(qf, kt, out=s_out)
@@ -197,14 +240,24 @@ def main() -> None:
         t_read = measure(lambda: read(q, state), "read", min_run_time=run_time).median
         t_naive = measure(lambda: naive_read(q, state, d**-0.5), "naive", min_run_time=run_time).median
         t_topk = measure(lambda: read(q, state, top_k=k), "top-k", min_run_time=run_time).median
-        keys, values = torch.randn(B, H, n, d, generator=gen), torch.randn(B, H, n, d, generator=gen)
-        g = torch.rand(B, H, n, generator=gen)
+        keys = torch.randn(B, H, n, d, generator=gen).to(device)
+        values = torch.randn(B, H, n, d, generator=gen).to(device)
+        g = torch.rand(B, H, n, generator=gen).to(device)
         t_write = measure(lambda: write(state, keys, values, g), "write", min_run_time=run_time).median
         t_inplace = measure(in_place_writer(state, keys, values, g), "write in place", min_run_time=run_time).median
-        src = torch.randn(2 * B * H * n * d)
+        src = torch.randn(2 * B * H * n * d, device=device)
         dst = torch.empty_like(src)
         t_copy = measure(lambda: dst.copy_(src), "copy", min_run_time=run_time).median
-        grads = (torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m))
+        t_train_read = measure(training_read(lambda q_, s_: read(q_, s_), q, state), "read fwd+bwd",
+                               min_run_time=run_time).median
+        t_math = None
+        if m <= 16384:
+            t_math = measure(training_read(lambda q_, s_: math_path_read(q_, s_, d**-0.5), q, state),
+                             "math-path read fwd+bwd", min_run_time=run_time).median
+        training_reads.append((m, t_train_read, t_math))
+        grads = tuple(t.to(device) for t in (
+            torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m, generator=gen)
+        ))
         training.append((
             m,
             t_copy,
@@ -224,6 +277,13 @@ def main() -> None:
             flush=True,
         )
         del state, kt, s_out
+    print("\nthe full read under autograd (training), forward + backward")
+    header = f"{'m':>6} | {'read ms':>9} | {'math-path ms':>12} | {'math ÷ read':>11}"
+    print(header)
+    print("-" * len(header))
+    for m, t_read, t_math in training_reads:
+        math = f"{t_math * 1e3:>12.1f} | {t_math / t_read:>11.2f}" if t_math else f"{'(skipped)':>12} | {'':>11}"
+        print(f"{m:>6} | {t_read * 1e3:>9.1f} | {math}", flush=True)
     print("\nthe write under autograd (training), forward + backward unless said; ÷copy: over the copy above")
     header = (
         f"{'m':>6} | {'out-of-place ms':>15} {'÷@1k':>6} | {'logged fwd ms':>13} {'÷copy':>6} {'÷@1k':>6} | "
@@ -239,7 +299,7 @@ def main() -> None:
             flush=True,
         )
     if args.huge:  # a fresh process, so that its peak resident memory is this read's alone
-        subprocess.run([sys.executable, __file__, "--huge-only"], check=True)
+        subprocess.run([sys.executable, __file__, "--huge-only", "--device", str(device)], check=True)
 
 
 if __name__ == "__main__":

@@ -79,21 +79,50 @@ def _read(q: Tensor, state: MemoryState, s: float, top_k: int | None, gated_scor
     if top_k is not None:
         return _read_top_k(q, state, s, top_k, gated_scores)
     ct = _compute_dtype(q.dtype, q.device)
-    bias = slot_bias(state, gated_scores, ct)[:, :, None, :]  # (b h 1 m)
-    n = q.shape[2]
-    out = F.scaled_dot_product_attention(
-        q.to(ct),
-        state.keys.to(ct),
-        state.values.to(ct),
-        attn_mask=bias.expand(-1, -1, n, -1),
-        scale=s,
-    )
+    if q.device.type == "cpu" and _needs_grad(q, state, gated_scores):
+        out = _folded_attention(q, state, s, gated_scores, ct)
+    else:
+        bias = slot_bias(state, gated_scores, ct)[:, :, None, :]  # (b h 1 m)
+        out = F.scaled_dot_product_attention(
+            q.to(ct),
+            state.keys.to(ct),
+            state.values.to(ct),
+            attn_mask=bias.expand(-1, -1, q.shape[2], -1),
+            scale=s,
+        )
     has_valid = _has_valid(state)
     # Rows with an empty store must read zeros (SDPA gives them the mean value). On CPU a host
     # check is free and skips a pass over the output when every row has a slot (the usual case).
     if out.device.type == "cpu" and not torch.compiler.is_compiling() and bool(has_valid.all()):
         return out.to(q.dtype)
     return (out * has_valid).to(q.dtype)
+
+
+def _needs_grad(q: Tensor, state: MemoryState, gated_scores: bool) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return q.requires_grad or state.keys.requires_grad or state.values.requires_grad or (
+        gated_scores and state.strength.requires_grad
+    )
+
+
+def _folded_attention(q: Tensor, state: MemoryState, scale: float, gated_scores: bool, ct: torch.dtype) -> Tensor:
+    """SDPA with the slot bias folded into the keys: ``[scale*q, 1] . [k, bias] = scale*q.k + bias``.
+
+    Why: on CPU a float ``attn_mask`` that needs a gradient sends SDPA to its unfused *math* path
+    (the n x m weights materialised, then differentiated), while without a mask the fused flash
+    kernel runs forward and backward; the bias gradient comes back as the keys' extra column.
+    Flash needs one width for q, k and v, so all three are zero-padded to ``max(dk + 1, dv)``.
+    q: (b h n dk) -> (b h n dv) in ``ct``.
+    """
+    b, h, n, dk = q.shape
+    m, dv = state.capacity, state.value_dim
+    width = max(dk + 1, dv)
+    bias = slot_bias(state, gated_scores, ct)[..., None]  # (b h m 1)
+    qf = torch.cat([q.to(ct) * scale, q.new_ones(b, h, n, 1, dtype=ct), q.new_zeros(b, h, n, width - dk - 1, dtype=ct)], -1)
+    kf = torch.cat([state.keys.to(ct), bias, bias.new_zeros(b, h, m, width - dk - 1)], -1)
+    vf = torch.cat([state.values.to(ct), bias.new_zeros(b, h, m, width - dv)], -1)
+    return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :dv]
 
 
 @torch.no_grad()

@@ -283,14 +283,23 @@ class _LoggedWrite(Function):
             return None, token_grad, None, None, None, None, None, None
         d_keys, d_values, d_strength = rows  # (r dk), (r dv), (r,): gradient of the stored g*k, g*v, g
         b, h, n, dk = keys.shape
-        k = keys.reshape(-1, dk).index_select(0, src)
-        v = values.reshape(b * h * n, -1).index_select(0, src)
-        g_store = g.reshape(-1).index_select(0, src).to(keys.dtype)[:, None]
-        grad_k = keys.new_zeros(b * h * n, dk).index_copy_(0, src, d_keys * g_store)
-        grad_v = values.new_zeros(b * h * n, values.shape[-1]).index_copy_(0, src, d_values * g_store)
-        dg = (d_keys * k).sum(-1).to(g.dtype) + (d_values * v).sum(-1).to(g.dtype) + d_strength.to(g.dtype)
-        grad_g = g.new_zeros(b * h * n).index_copy_(0, src, dg)
-        return None, token_grad, grad_k.view_as(keys), grad_v.view_as(values), grad_g.view_as(g), None, None, None
+        every = src.numel() == b * h * n  # every token landed (no padding, no overflow): no gather/scatter
+
+        def landed(t: Tensor) -> Tensor:  # (b h n ...) -> (r ...), the tokens that landed
+            flat = t.reshape(b * h * n, *t.shape[3:])
+            return flat if every else flat.index_select(0, src)
+
+        def spread(rows: Tensor, like: Tensor) -> Tensor:  # (r ...) -> (b h n ...), zeros elsewhere
+            if every:
+                return rows.view_as(like)
+            full = like.new_zeros((b * h * n, *like.shape[3:]))
+            return full.index_copy_(0, src, rows).view_as(like)
+
+        g_store = landed(g).to(keys.dtype)[:, None]
+        dg = (d_keys * landed(keys)).sum(-1).to(g.dtype) + (d_values * landed(values)).sum(-1).to(g.dtype)
+        dg = dg + d_strength.to(g.dtype)
+        grads = spread(d_keys * g_store, keys), spread(d_values * g_store, values), spread(dg, g)
+        return None, token_grad, *grads, None, None, None
 
 
 def logged_write(
