@@ -13,6 +13,7 @@ checked against the reference twins. The plot goes to ``benchmarks/scaling.png``
 
     python benchmarks/bench_scaling.py --plot       # the full curves (a few minutes)
     python benchmarks/bench_scaling.py --quick      # tiny sizes, seconds (CI)
+    python benchmarks/bench_scaling.py --device cuda   # the same curves on a GPU
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from _report import resolve_device
 from bench_ops import check_correct, full_state, in_place_writer
 from harness import machine_line, measure
 from memgpt.layers import MemoryLayer
@@ -45,11 +47,14 @@ def bytes_per_slot(state: MemoryState) -> tuple[float, float]:
     return per_slot + count, float(minimum)
 
 
-def time_ops(B: int, m: int, gen: torch.Generator, run_time: float, layer: MemoryLayer | None) -> dict:
-    state = full_state(B, H, m, D, gen)
-    q = torch.randn(B, H, N, D, generator=gen)
-    keys, values = torch.randn(B, H, N, D, generator=gen), torch.randn(B, H, N, D, generator=gen)
-    g = torch.rand(B, H, N, generator=gen)
+def time_ops(
+    B: int, m: int, gen: torch.Generator, run_time: float, layer: MemoryLayer | None, device: torch.device
+) -> dict:
+    state = full_state(B, H, m, D, gen, device)
+    q = torch.randn(B, H, N, D, generator=gen).to(device)
+    keys = torch.randn(B, H, N, D, generator=gen).to(device)
+    values = torch.randn(B, H, N, D, generator=gen).to(device)
+    g = torch.rand(B, H, N, generator=gen).to(device)
     out = {
         "read": measure(lambda: read(q, state), "read", min_run_time=run_time).median,
         "top_k": measure(lambda: read(q, state, top_k=TOP_K), "top-k", min_run_time=run_time).median,
@@ -57,7 +62,7 @@ def time_ops(B: int, m: int, gen: torch.Generator, run_time: float, layer: Memor
         "write_in_place": measure(in_place_writer(state, keys, values, g), "write in place", min_run_time=run_time).median,
     }
     if layer is not None:
-        x = torch.randn(B, N, layer.dim, generator=gen, requires_grad=True)
+        x = torch.randn(B, N, layer.dim, generator=gen).to(device).requires_grad_()
 
         def step():
             y, new = layer(x, state)
@@ -106,9 +111,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot", action="store_true", help="write benchmarks/scaling.png")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)
-    check_correct(gen)
+    check_correct(gen, device)
     print(machine_line())
     if args.quick:
         capacities, batches, run_time, layer_max = [256, 1024], [1, 2], 0.05, 1024
@@ -116,12 +123,12 @@ def main() -> None:
         capacities = [1 << p for p in range(10, 21, 2)]  # 1k, 4k, 16k, 64k, 256k, 1M
         batches, run_time, layer_max = [1, 2, 4, 8, 16], 0.5, 1 << 16
     results: dict = {"capacity": [], "batch": []}
-    print(f"vs capacity (B=1, H={H}, n={N}, d={D}, fp32), ms:")
+    print(f"vs capacity (B=1, H={H}, n={N}, d={D}, fp32, {device}), ms:")
     print(f"{'m':>9} | {'read':>9} {'top-k':>9} {'write':>9} {'in place':>9} {'layer f+b':>9} | bytes/slot (min)")
     for m in capacities:
         torch.manual_seed(0)
-        layer = MemoryLayer(512, heads=H, key_dim=D, value_dim=D, capacity=m) if m <= layer_max else None
-        t = time_ops(1, m, gen, run_time if m < 1 << 18 else 0.0, layer)
+        layer = MemoryLayer(512, heads=H, key_dim=D, value_dim=D, capacity=m).to(device) if m <= layer_max else None
+        t = time_ops(1, m, gen, run_time if m < 1 << 18 else 0.0, layer, device)
         actual, minimum = bytes_per_slot(full_state(1, H, 4, D, gen))
         results["capacity"].append({"m": m, **t})
         lay = f"{t['layer_fwd_bwd'] * 1e3:>9.2f}" if "layer_fwd_bwd" in t else f"{'-':>9}"
@@ -141,7 +148,7 @@ def main() -> None:
     print(f"vs batch (m={m_batch:,}), ms per row:")
     print(f"{'B':>4} | {'read':>9} {'top-k':>9} {'write':>9} {'in place':>9}")
     for B in batches:
-        t = time_ops(B, m_batch, gen, run_time, None)
+        t = time_ops(B, m_batch, gen, run_time, None, device)
         results["batch"].append({"B": B, "m": m_batch, **t})
         print(
             f"{B:>4} | {t['read'] * 1e3 / B:>9.2f} {t['top_k'] * 1e3 / B:>9.2f} {t['write'] * 1e3 / B:>9.2f} "
