@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .block import BlockState, MemGPTBlock, SegmentView
 from .config import MemGPTConfig
-from .layers import MemoryLayer
+from .layers import MemoryLayer, SoftmaxReader
 from .memory import start_log
 from .model_state import MemGPTState
 
@@ -42,7 +42,7 @@ class GenerationOutput:
 
 def memory_layer(c: MemGPTConfig) -> MemoryLayer:
     """The memory layer a block of this configuration holds."""
-    return MemoryLayer(
+    layer = MemoryLayer(
         c.dim,
         heads=c.memory_heads,
         capacity=c.memory_capacity,
@@ -55,6 +55,12 @@ def memory_layer(c: MemGPTConfig) -> MemoryLayer:
         usage_decay=c.usage_decay,
         fusion_bias_init=c.fusion_bias_init,
     )
+    if c.qk_norm:  # MemoryLayer has no qk_norm argument (yet): swap in a cosine reader
+        layer.reader = SoftmaxReader(
+            c.dim, c.memory_heads, c.key_dim, c.value_dim, scale=c.scale, top_k=c.top_k,
+            gated_scores=c.gated_scores, qk_norm=True,
+        )
+    return layer
 
 
 def _unshared(state: MemGPTState, caller: MemGPTState | None) -> MemGPTState:

@@ -61,6 +61,7 @@ class TextConfig:
     # (TextWindowTask.repeat_prob); both models train on the same windows. Evaluation never has it.
     repeat_prob: float = 0.0
     repeat_len: tuple[int, int] = (32, 256)
+    repeat_distance: tuple[int, int] | None = None  # None: (segment_len, memory_capacity), what memory can copy from
     context: int = 16  # far-copyable: this many preceding characters
     eval_split: str = "test"
     eval_files: int = 0  # 0 = every file of the split
@@ -80,6 +81,8 @@ class TextConfig:
         kw = {"segment_len": self.segment_len, "segments": self.segments, "split": "train", "root": self.root}
         if self.repeat_prob:  # only when used: older checkpoints' task_kwargs stay as they were
             kw.update(repeat_prob=self.repeat_prob, repeat_len=tuple(self.repeat_len))
+            far = (self.segment_len, self.memory_capacity) if self.repeat_distance is None else self.repeat_distance
+            kw["repeat_distance"] = tuple(far)
         return kw
 
 

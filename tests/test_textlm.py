@@ -123,7 +123,7 @@ def test_config_options_reach_the_model_and_the_task(tmp_path):
     from memgpt.train import make_task
 
     task = make_task("text", **{**cfg.task_kwargs, "root": str(tmp_path)})
-    assert task.repeat_prob == 0.5 and task.repeat_len == (4, 8) and task.repeat_distance == (8, 24)
+    assert task.repeat_prob == 0.5 and task.repeat_len == (4, 8) and task.repeat_distance == (8, 32)
 
 
 def test_cli_text_flags():
