@@ -4,6 +4,11 @@ Score of query ``q`` on slot ``i``:  ``scale * q·k_i (+ log g_i if gated_scores
 The softmax is always taken in float32 or wider (float64 stays float64): on CPU low-precision
 inputs are upcast (bf16 matmuls are 18-100x slower than fp32 there), on CUDA the SDPA kernels
 accumulate the softmax in float32 themselves.
+
+Paths: the full read is one fused SDPA call (under autograd on CPU with the slot bias folded into
+the keys, so that the fused kernel also runs backward). The top-k read selects chunk by chunk;
+outside autograd it weights the chosen values with the selection's own scores, under autograd it
+recomputes the chosen scores so that gradients reach q, the chosen keys and their gates.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from .checks import check_read_args, resolve_scale
 from .reversible import logged_read
 from .state import MemoryState
 
-__all__ = ["read", "read_usage", "slot_bias", "TOP_K_CHUNK"]
+__all__ = ["read", "read_usage", "slot_bias", "TOP_K_CHUNK", "TOP_K_GROUP"]
 
 # Slots scored per step of the running top-k: peak extra memory is O(n * (k + TOP_K_CHUNK)).
 TOP_K_CHUNK = 4096
@@ -125,30 +130,57 @@ def _folded_attention(q: Tensor, state: MemoryState, scale: float, gated_scores:
     return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :dv]
 
 
+# Group size of the top-k pre-filter: the k best slots of a chunk lie in the k groups of
+# TOP_K_GROUP consecutive slots with the largest maxima (each of those groups holds an element
+# at least as large as any element outside them), so the exact top k is taken over k groups'
+# slots instead of the whole chunk.
+TOP_K_GROUP = 16
+
+
+def _chunk_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """scores (B n c) -> the k largest (B n k) and their positions in the chunk, unsorted."""
+    B, n, c = scores.shape
+    G = TOP_K_GROUP
+    if c % G or c // G <= k:  # too few groups for the pre-filter to pay
+        return scores.topk(min(k, c), dim=-1, sorted=False)
+    groups = scores.view(B, n, c // G, G)
+    best_groups = groups.amax(dim=-1).topk(k, dim=-1, sorted=False).indices  # (B n k)
+    candidates = groups.gather(2, best_groups[..., None].expand(-1, -1, -1, G)).flatten(2)  # (B n k*G)
+    top, pos = candidates.topk(k, dim=-1, sorted=False)
+    return top, best_groups.gather(2, pos // G) * G + pos % G
+
+
 @torch.no_grad()
-def _select_top_k(q: Tensor, keys: Tensor, bias: Tensor, scale: float, k: int) -> Tensor:
-    """Indices (b h n k) of the k best slots, scoring TOP_K_CHUNK slots at a time.
+def _select_top_k(q: Tensor, keys: Tensor, bias: Tensor, scale: float, k: int) -> tuple[Tensor, Tensor]:
+    """The k best scores (b h n k) and their slots, scoring TOP_K_CHUNK slots at a time.
 
     Each chunk's own top k is merged with the running best (2k candidates): the global top k
-    lies in the union of the chunks' top k, and nothing of size (n x chunk) is copied.
+    lies in the union of the chunks' top k, so peak extra memory is O(n * (k + chunk)). Scores
+    are ``(scale*q).k + bias``, written once by the matmul and biased in place.
     """
     b, h, n, dk = q.shape
     m = keys.shape[2]
-    qf = q.reshape(b * h, n, dk)
+    qf = q.reshape(b * h, n, dk) * scale
     best = best_idx = None
     for start in range(0, m, TOP_K_CHUNK):
         stop = min(start + TOP_K_CHUNK, m)
         chunk_keys = keys[:, :, start:stop].reshape(b * h, stop - start, dk)
-        chunk_bias = bias[:, :, start:stop].reshape(b * h, 1, stop - start)
-        scores = torch.baddbmm(chunk_bias, qf, chunk_keys.transpose(-1, -2), alpha=scale)  # (bh n c)
-        top, idx = scores.topk(min(k, stop - start), dim=-1)
+        scores = torch.bmm(qf, chunk_keys.transpose(-1, -2))  # (bh n c)
+        scores += bias[:, :, start:stop].reshape(b * h, 1, stop - start)
+        top, idx = _chunk_top_k(scores, k)
         idx = idx + start
         if best is not None:
             top = torch.cat([best, top], dim=-1)
-            top, pos = top.topk(min(k, top.shape[-1]), dim=-1)
+            top, pos = top.topk(min(k, top.shape[-1]), dim=-1, sorted=False)
             idx = torch.cat([best_idx, idx], dim=-1).gather(-1, pos)
         best, best_idx = top, idx
-    return best_idx.reshape(b, h, n, -1)
+    return best.reshape(b, h, n, -1), best_idx.reshape(b, h, n, -1)
+
+
+def _flat_rows(idx: Tensor, m: int) -> Tensor:
+    """Slots idx (b h n k) of a (b h m) store -> rows of its (b*h*m) flattening."""
+    b, h = idx.shape[:2]
+    return idx + (torch.arange(b * h, device=idx.device) * m).view(b, h, 1, 1)
 
 
 def _gather_slots(x: Tensor, idx: Tensor) -> Tensor:
@@ -156,19 +188,27 @@ def _gather_slots(x: Tensor, idx: Tensor) -> Tensor:
     an element-wise gather with an expanded index) without materialising (b h n m d)."""
     b, h, m, d = x.shape
     n, k = idx.shape[2], idx.shape[3]
-    rows = idx + (torch.arange(b * h, device=idx.device) * m).view(b, h, 1, 1)
-    return x.reshape(b * h * m, d).index_select(0, rows.flatten()).view(b, h, n, k, d)
+    return x.reshape(b * h * m, d).index_select(0, _flat_rows(idx, m).flatten()).view(b, h, n, k, d)
 
 
 def _read_top_k(q: Tensor, state: MemoryState, scale: float, top_k: int, gated_scores: bool) -> Tensor:
     ct = q.dtype if q.dtype == torch.float64 else torch.float32
     k = min(top_k, state.capacity)
     bias = slot_bias(state, gated_scores, ct)  # (b h m)
-    qc, keys = q.to(ct), state.keys.to(ct)
-    idx = _select_top_k(qc.detach(), keys.detach(), bias.detach(), scale, k)  # (b h n k)
+    qc, keys, values = q.to(ct), state.keys.to(ct), state.values.to(ct)
+    top, idx = _select_top_k(qc.detach(), keys.detach(), bias.detach(), scale, k)  # (b h n k) each
+    if not _needs_grad(q, state, gated_scores):
+        # Inference: the selection's own scores, and a weighted sum of the chosen value rows
+        # without materialising them (b h n k dv).
+        b, h, n, _ = q.shape
+        rows = _flat_rows(idx, state.capacity).reshape(b * h * n, k)
+        out = F.embedding_bag(
+            rows, values.reshape(-1, state.value_dim), mode="sum", per_sample_weights=top.softmax(-1).reshape(b * h * n, k)
+        ).view(b, h, n, -1)
+        return (out * _has_valid(state)).to(q.dtype)
     # Recompute the selected scores with autograd: gradients reach q, the chosen keys and g.
     k_sel = _gather_slots(keys, idx)  # (b h n k dk)
-    v_sel = _gather_slots(state.values.to(ct), idx)  # (b h n k dv)
+    v_sel = _gather_slots(values, idx)  # (b h n k dv)
     b_sel = bias.gather(2, idx.flatten(2)).view_as(idx)  # (b h n k)
     scores = torch.einsum("bhnd,bhnkd->bhnk", qc, k_sel) * scale + b_sel
     weights = scores.softmax(dim=-1)
@@ -202,9 +242,8 @@ def read_usage(
             weights = (torch.matmul(qc, keys.transpose(-1, -2)) * s + bias[:, :, None, :]).softmax(dim=-1)
             idx = None
         else:
-            idx = _select_top_k(qc, keys, bias, s, min(top_k, state.capacity))  # (b h n k)
-            scores = torch.einsum("bhnd,bhnkd->bhnk", qc, _gather_slots(keys, idx)) * s
-            weights = (scores + bias.gather(2, idx.flatten(2)).view_as(idx)).softmax(dim=-1)
+            top, idx = _select_top_k(qc, keys, bias, s, min(top_k, state.capacity))  # (b h n k) each
+            weights = top.softmax(dim=-1)
         weights = weights * _has_valid(state)
         if mask is not None:
             weights = weights * mask[:, None, :, None].to(weights.dtype)

@@ -101,6 +101,53 @@ def test_top_k_multi_chunk_matches_reference(monkeypatch, dtype, top_k):
     check_against_reference(q, state, top_k=top_k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [None, 1, 3, 20])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 2, 5, 512, 8, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_inference_read_matches_reference(device, dtype, top_k, shape):
+    """Under no_grad the reads take their inference paths (top-k: the selection's own scores and
+    an embedding_bag over the chosen values; m=512 runs the group pre-filter)."""
+    b, h, n, m, dk, dv = shape
+    state = random_state(b, h, m, dk, dv, dtype=dtype, device=device)
+    q = torch.randn(b, h, n, dk, dtype=torch.float64).to(device, dtype)
+    with torch.no_grad():
+        out = read(q, state, top_k=top_k)
+        out_ref = ref.read(q, state, top_k=top_k)
+        if dtype in LOW:
+            exact = ref.read(q.double(), state.to(dtype=torch.float64), top_k=top_k)
+            assert_close_to_ref(out, out_ref, exact, name="out")
+        else:
+            assert_close_dtype(out, out_ref, msg="out")
+
+
+@pytest.mark.parametrize("top_k", [3, 5])
+def test_top_k_group_prefilter_across_chunks_matches_reference(monkeypatch, top_k):
+    """Chunks of 64 slots (4 groups of 16: pre-filtered) and a last partial chunk (plain top-k)."""
+    monkeypatch.setattr(read_module, "TOP_K_CHUNK", 64)
+    state = random_state(2, 2, 200, 4, 3, p_valid=0.7)
+    q = torch.randn(2, 2, 6, 4, dtype=torch.float64)
+    check_against_reference(q, state, top_k=top_k)
+    with torch.no_grad():
+        assert_close_dtype(read(q, state, top_k=top_k), ref.read(q, state, top_k=top_k))
+        assert_close_dtype(read_usage(q, state, top_k=top_k), ref.read_usage(q, state, top_k=top_k))
+
+
+@given(
+    rows=st.integers(1, 3),
+    c=st.sampled_from([16, 48, 64, 100, 256]),
+    k=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_chunk_top_k_is_the_exact_top_k(rows, c, k, seed):
+    """The group pre-filter returns exactly the k largest scores, at positions holding them."""
+    scores = torch.randn(rows, 4, c, generator=torch.Generator().manual_seed(seed))
+    top, pos = read_module._chunk_top_k(scores, k)
+    want = scores.topk(min(k, c), dim=-1).values
+    torch.testing.assert_close(top.sort(-1, descending=True).values, want, rtol=0, atol=0)
+    assert torch.equal(scores.gather(-1, pos), top)
+    assert all(len(set(r.tolist())) == r.numel() for r in pos.flatten(0, 1))  # no slot twice
+
+
 def test_scale_one_is_the_seed_formula():
     """scale=1, ungated: softmax(q.k) over the valid slots, written out by hand."""
     state = random_state(2, 2, 5, 3, 4, p_valid=1.0)
