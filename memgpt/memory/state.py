@@ -230,6 +230,8 @@ class MemoryState:
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
         unknown = set(changes) - set(kwargs)
         _require(not unknown, f"unknown MemoryState fields {sorted(unknown)}")
+        if changes.keys() & {"keys", "values", "strength", "valid"}:  # what a logged read depends on
+            self._check_copy_keeps_grad()
         kwargs.update(changes)
         return MemoryState(**kwargs)
 

@@ -228,6 +228,7 @@ def test_nothing_silently_cuts_a_logged_gradient():
         lambda s: s.index_select(torch.tensor([1, 0])),
         lambda s: s.to(dtype=torch.float64),
         lambda s: s.contiguous(),
+        lambda s: s.replace(keys=s.keys * 2),
     ):
         with pytest.raises(RuntimeError, match="would silently cut them.*detach"):
             copy(state)
