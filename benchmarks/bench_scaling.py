@@ -3,8 +3,10 @@ a slot costs against the theoretical minimum.
 
 Curves (fp32, H=8 heads, n=256 queries/tokens, d=64):
 
-- vs capacity, B=1: full read, top-k read (k=32), write out of place (training), write in place
-  (inference), and a MemoryLayer forward+backward (dim 512: read, fuse, write, with autograd);
+- vs capacity, B=1: full read, top-k read (k=32), write out of place, write in place
+  (inference), and a MemoryLayer forward+backward (dim 512: read, fuse, write, then one probe read
+  of the new store so that the write's backward runs) with the copying write and with the
+  logged in-place write;
 - vs batch, m=4,096: the same ops at B = 1 … 16, as time per row;
 - bytes per slot: every MemoryState field per slot and head against ``heads·(dk+dv)·4``.
 
@@ -29,7 +31,7 @@ from _report import resolve_device
 from bench_ops import check_correct, full_state, in_place_writer
 from harness import machine_line, measure
 from memgpt.layers import MemoryLayer
-from memgpt.memory import MemoryState, read, write
+from memgpt.memory import MemoryState, read, start_log, write
 
 H, N, D, TOP_K = 8, 256, 64, 32
 
@@ -63,12 +65,19 @@ def time_ops(
     }
     if layer is not None:
         x = torch.randn(B, N, layer.dim, generator=gen).to(device).requires_grad_()
+        probe = torch.randn(B, H, 1, D, generator=gen).to(device)  # a later read: the write's backward runs
+        holder = [state.clone()]
 
-        def step():
-            y, new = layer(x, state)
-            (y.square().mean() + new.keys.mean()).backward()
+        def step(inplace: bool):
+            # inplace: the logged write (a new graph on the same tensors each call: no copy)
+            start = start_log(holder[0].detach()) if inplace else state
+            y, new = layer(x, start, inplace=inplace)
+            (y.square().mean() + read(probe, new).mean()).backward()
+            if inplace:
+                holder[0] = new
 
-        out["layer_fwd_bwd"] = measure(step, "layer fwd+bwd", min_run_time=run_time).median
+        out["layer_fwd_bwd"] = measure(lambda: step(False), "layer fwd+bwd", min_run_time=run_time).median
+        out["layer_logged"] = measure(lambda: step(True), "layer fwd+bwd, logged", min_run_time=run_time).median
     return out
 
 
@@ -85,7 +94,8 @@ def plot(results: dict, path: Path) -> None:
         ("top_k", f"top-k read (k={TOP_K})"),
         ("write", "write, out of place (training)"),
         ("write_in_place", "write, in place (inference)"),
-        ("layer_fwd_bwd", "MemoryLayer fwd+bwd (dim 512)"),
+        ("layer_fwd_bwd", "MemoryLayer fwd+bwd (dim 512), copying write"),
+        ("layer_logged", "MemoryLayer fwd+bwd (dim 512), logged write"),
     ]:
         pts = [(r["m"], r[key]) for r in results["capacity"] if key in r]
         if pts:
@@ -124,14 +134,19 @@ def main() -> None:
         batches, run_time, layer_max = [1, 2, 4, 8, 16], 0.5, 1 << 16
     results: dict = {"capacity": [], "batch": []}
     print(f"vs capacity (B=1, H={H}, n={N}, d={D}, fp32, {device}), ms:")
-    print(f"{'m':>9} | {'read':>9} {'top-k':>9} {'write':>9} {'in place':>9} {'layer f+b':>9} | bytes/slot (min)")
+    print(
+        f"{'m':>9} | {'read':>9} {'top-k':>9} {'write':>9} {'in place':>9} {'layer f+b':>9} {'logged':>9} "
+        "| bytes/slot (min)"
+    )
     for m in capacities:
         torch.manual_seed(0)
         layer = MemoryLayer(512, heads=H, key_dim=D, value_dim=D, capacity=m).to(device) if m <= layer_max else None
         t = time_ops(1, m, gen, run_time if m < 1 << 18 else 0.0, layer, device)
         actual, minimum = bytes_per_slot(full_state(1, H, 4, D, gen))
         results["capacity"].append({"m": m, **t})
-        lay = f"{t['layer_fwd_bwd'] * 1e3:>9.2f}" if "layer_fwd_bwd" in t else f"{'-':>9}"
+        lay = (
+            f"{t['layer_fwd_bwd'] * 1e3:>9.2f} {t['layer_logged'] * 1e3:>9.2f}" if "layer_fwd_bwd" in t else f"{'-':>9} {'-':>9}"
+        )
         print(
             f"{m:>9,} | {t['read'] * 1e3:>9.2f} {t['top_k'] * 1e3:>9.2f} {t['write'] * 1e3:>9.2f} "
             f"{t['write_in_place'] * 1e3:>9.3f} {lay} | {actual:.1f} ({minimum:.0f}, +{100 * (actual / minimum - 1):.1f}%)",

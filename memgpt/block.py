@@ -177,8 +177,8 @@ class MemGPTBlock(nn.Module):
     ) -> tuple[Tensor, BlockState]:
         """x: (b w d); mask: (b w) bool, True = real token (whole-segment use only).
 
-        Returns y (b w d) and the new BlockState. ``inplace_memory=True`` (inference) writes into
-        the given state's memory tensors instead of a copy (see :func:`memgpt.memory.write`).
+        Returns y (b w d) and the new BlockState. ``inplace_memory=True`` writes into the given
+        state's memory tensors instead of a copy, logged under autograd (see :func:`memgpt.memory.write`).
         """
         check_input("x", x, self.dim)
         b, w, _ = x.shape

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..memory import USAGE_DECAY, MemoryState, write
 from ..memory.checks import check_eviction
-from ..memory.reversible import carry_log
+from ..memory.reversible import carry_log, start_log
 from ._validation import check_input, check_token_mask, positive_int
 from .fusion import GatedFusion
 from .reader import SoftmaxReader
@@ -92,9 +92,9 @@ class MemoryLayer(nn.Module):
             state = carry_log(state, state.replace(usage=usage))  # a logged store stays in its log
         return y, state
 
-    def write(self, x: Tensor, state: MemoryState, mask: Tensor | None = None) -> MemoryState:
-        """Write the tokens of x (b n d) where mask (b n) is True."""
-        return self.store(*self.writer(x), state, mask=mask)
+    def write(self, x: Tensor, state: MemoryState, mask: Tensor | None = None, *, inplace: bool = False) -> MemoryState:
+        """Write the tokens of x (b n d) where mask (b n) is True (``inplace``: see :meth:`store`)."""
+        return self.store(*self.writer(x), state, mask=mask, inplace=inplace)
 
     def store(
         self,
@@ -123,11 +123,14 @@ class MemoryLayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, state: MemoryState | None = None, mask: Tensor | None = None
+        self, x: Tensor, state: MemoryState | None = None, mask: Tensor | None = None, *, inplace: bool = False
     ) -> tuple[Tensor, MemoryState]:
         """x: (b n d); state: MemoryState or None (empty); mask: (b n) bool, True = real token.
 
         Returns y (b n d) and the new state. Padding (mask False) is never written.
+        ``inplace=True`` writes into ``state``'s tensors (donating it) instead of a copy; under
+        autograd the write is logged: pass ``memgpt.memory.start_log(state)`` the first time so
+        that the store is not copied once (see :mod:`memgpt.memory.reversible`).
         """
         check_input("x", x, self.dim)
         b, n, _ = x.shape
@@ -135,7 +138,9 @@ class MemoryLayer(nn.Module):
             check_token_mask(mask, b, n, x.device)
         if state is None:
             state = self.empty_state(b, device=x.device, dtype=x.dtype)
+            if inplace and torch.is_grad_enabled():
+                state = start_log(state)  # a fresh store: its log can use it as it is
         else:
             self.check_state(state, b, x.device)
         y, state = self.read(x, state, mask)
-        return y, self.write(x, state, mask)
+        return y, self.write(x, state, mask, inplace=inplace)

@@ -5,9 +5,10 @@ Shapes (einops notation, see README): ``b`` batch, ``h`` memory heads, ``m`` slo
 
 The store is a *value*: every operation returns a new ``MemoryState`` and never mutates the one
 it was given, so autograd and callers that keep an old state see what they kept. The one
-exception is asked for explicitly: ``write(..., inplace=True)`` (inference) writes into the
-given state's tensors and *donates* that state: any later use of it raises instead of silently
-reading contents that have changed. It is never a module buffer (DDP would broadcast it from
+exception is asked for explicitly: ``write(..., inplace=True)`` writes into the given state's
+tensors and *donates* that state: any later use of it raises instead of silently reading
+contents that have changed (under autograd such writes are logged so that backward can undo
+them: :mod:`memgpt.memory.reversible`). It is never a module buffer (DDP would broadcast it from
 rank 0 and overwrite each rank's memory).
 """
 

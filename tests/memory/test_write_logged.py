@@ -250,3 +250,25 @@ def test_an_older_state_of_the_chain_is_donated():
         write(state, *kv, inplace=True)
     read(torch.randn(1, 1, 1, DK), new).sum().backward()
     assert kv[0].grad is not None and kv[0].grad.abs().sum() > 0
+
+
+def test_memory_layer_inplace_trains_like_the_copying_layer():
+    """MemoryLayer(..., inplace=True) over three calls: the same outputs and parameter gradients."""
+    from memgpt.layers import MemoryLayer
+
+    torch.manual_seed(0)
+    layer = MemoryLayer(8, heads=2, capacity=5, eviction="fifo").double()
+    xs = [torch.randn(2, n, 8, dtype=torch.float64) for n in (3, 4, 2)]
+    runs = []
+    for inplace in (False, True):
+        layer.zero_grad()
+        state, loss = None, 0.0
+        for x in xs:
+            y, state = layer(x, state, inplace=inplace)
+            loss = loss + y.sin().sum()
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in layer.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads_b, grads_a, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
