@@ -6,7 +6,7 @@ inputs are upcast (bf16 matmuls are 18-100x slower than fp32 there), on CUDA the
 accumulate the softmax in float32 themselves.
 
 Paths: the full read is one fused SDPA call (under autograd on CPU with the slot bias folded into
-the keys, so that the fused kernel also runs backward). The top-k read selects chunk by chunk;
+the keys, so that the fused kernel also runs backward: :mod:`memgpt.memory.folded`). The top-k read selects chunk by chunk;
 outside autograd it weights the chosen values with the selection's own scores, under autograd it
 recomputes the chosen scores so that gradients reach q, the chosen keys and their gates.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_read_args, resolve_scale
+from .folded import HAS_FLASH_SPLIT, flash_backward, flash_forward, folded_attention
 from .reversible import logged_read
 from .state import MemoryState
 
@@ -76,7 +77,8 @@ def read(
     s = resolve_scale(scale, state.key_dim)
     if state._log is not None and torch.is_grad_enabled():
         # A store written in place under autograd: the read records only the store's version.
-        return logged_read(q, state, lambda q_, state_: _read(q_, state_, s, top_k, gated_scores))
+        split = _FlashSplit(s, gated_scores) if top_k is None and q.device.type == "cpu" and HAS_FLASH_SPLIT else None
+        return logged_read(q, state, lambda q_, state_: _read(q_, state_, s, top_k, gated_scores), split)
     return _read(q, state, s, top_k, gated_scores)
 
 
@@ -85,7 +87,7 @@ def _read(q: Tensor, state: MemoryState, s: float, top_k: int | None, gated_scor
         return _read_top_k(q, state, s, top_k, gated_scores)
     ct = _compute_dtype(q.dtype, q.device)
     if q.device.type == "cpu" and _needs_grad(q, state, gated_scores):
-        out = _folded_attention(q, state, s, gated_scores, ct)
+        out = folded_attention(q, state, slot_bias(state, gated_scores, ct), s, ct)
     else:
         bias = slot_bias(state, gated_scores, ct)[:, :, None, :]  # (b h 1 m)
         out = F.scaled_dot_product_attention(
@@ -111,23 +113,32 @@ def _needs_grad(q: Tensor, state: MemoryState, gated_scores: bool) -> bool:
     )
 
 
-def _folded_attention(q: Tensor, state: MemoryState, scale: float, gated_scores: bool, ct: torch.dtype) -> Tensor:
-    """SDPA with the slot bias folded into the keys: ``[scale*q, 1] . [k, bias] = scale*q.k + bias``.
+class _FlashSplit:
+    """The CPU full read as a separate forward and backward, for logged stores (see
+    :mod:`memgpt.memory.folded`): backward rebuilds the folded store instead of re-reading."""
 
-    Why: on CPU a float ``attn_mask`` that needs a gradient sends SDPA to its unfused *math* path
-    (the n x m weights materialised, then differentiated), while without a mask the fused flash
-    kernel runs forward and backward; the bias gradient comes back as the keys' extra column.
-    Flash needs one width for q, k and v, so all three are zero-padded to ``max(dk + 1, dv)``.
-    q: (b h n dk) -> (b h n dv) in ``ct``.
-    """
-    b, h, n, dk = q.shape
-    m, dv = state.capacity, state.value_dim
-    width = max(dk + 1, dv)
-    bias = slot_bias(state, gated_scores, ct)[..., None]  # (b h m 1)
-    qf = torch.cat([q.to(ct) * scale, q.new_ones(b, h, n, 1, dtype=ct), q.new_zeros(b, h, n, width - dk - 1, dtype=ct)], -1)
-    kf = torch.cat([state.keys.to(ct), bias, bias.new_zeros(b, h, m, width - dk - 1)], -1)
-    vf = torch.cat([state.values.to(ct), bias.new_zeros(b, h, m, width - dv)], -1)
-    return F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :dv]
+    def __init__(self, scale: float, gated_scores: bool) -> None:
+        self.scale, self.gated_scores = scale, gated_scores
+
+    def forward(self, q: Tensor, state: MemoryState) -> tuple[Tensor, tuple]:
+        """q (b h n dk) -> (b h n dv) in q's dtype, and O(n) saved tensors."""
+        ct = _compute_dtype(q.dtype, q.device)
+        out, saved = flash_forward(q, state, slot_bias(state, self.gated_scores, ct), self.scale, ct)
+        has_valid = _has_valid(state).to(ct)  # empty rows read zeros
+        return (out * has_valid).to(q.dtype), (saved, has_valid)
+
+    def backward(self, saved: tuple, state: MemoryState, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Gradients w.r.t. q, keys, values and strength (None when scores are not gated)."""
+        saved, has_valid = saved
+        ct = has_valid.dtype
+        bias = slot_bias(state, self.gated_scores, ct)
+        dq, dkeys, dvalues, dbias = flash_backward(saved, state, bias, grad_out.to(ct) * has_valid, self.scale)
+        dstrength = None
+        if self.gated_scores:  # bias = log(max(g, tiny)) on valid slots
+            g = state.strength.to(ct)
+            live = state.valid & (g >= torch.finfo(torch.float32).tiny)
+            dstrength = torch.where(live, dbias / g, torch.zeros((), dtype=ct, device=g.device)).to(state.strength.dtype)
+        return dq.to(state.dtype), dkeys.to(state.dtype), dvalues.to(state.dtype), dstrength
 
 
 # Group size of the top-k pre-filter: the k best slots of a chunk lie in the k groups of

@@ -15,7 +15,8 @@ Backward runs these ops in exact reverse order: every op consumes the previous o
 - when backward ends, the store is rolled forward to its latest version again.
 
 Costs and contract:
-- Forward reads use the fused SDPA kernel (no autograd inside). Backward pays one recomputed read.
+- Full reads on CPU run the flash kernel's forward and, in backward, its backward from the saved
+  O(n) outputs (:mod:`memgpt.memory.folded`); other reads (top-k, CUDA) recompute in backward.
 - Memory for backward is one store-sized accumulator plus O(tokens) of logs, instead of one store
   per write.
 - Gradients flow through :func:`read` and :func:`write` only. The tensors of a logged state do not
@@ -217,11 +218,14 @@ def _start(state: MemoryState, *, copy: bool) -> MemoryState:
 
 class _LoggedRead(Function):
     @staticmethod
-    def forward(ctx, log: StoreLog, token: Tensor | None, q: Tensor, state: MemoryState, fn: Callable):
-        ctx.log, ctx.version, ctx.state, ctx.fn = log, log.current, state, fn
+    def forward(ctx, log: StoreLog, token: Tensor | None, q: Tensor, state: MemoryState, fn: Callable, split):
+        ctx.log, ctx.version, ctx.state, ctx.fn, ctx.split = log, log.current, state, fn, split
         ctx.has_token = token is not None
         ctx.save_for_backward(q)
-        return fn(q, state), q.new_zeros(())
+        if split is None:
+            return fn(q, state), q.new_zeros(())
+        out, ctx.split_saved = split.forward(q, state)  # O(n) tensors, none of the store's
+        return out, q.new_zeros(())
 
     @staticmethod
     @once_differentiable
@@ -230,6 +234,11 @@ class _LoggedRead(Function):
         (q,) = ctx.saved_tensors
         log.enter_backward()
         log.checkout(ctx.version)
+        token_grad = torch.zeros((), dtype=q.dtype, device=q.device) if ctx.has_token else None
+        if ctx.split is not None:  # the kernel's own backward from the saved forward: no recompute
+            dq, *store_grads = ctx.split.backward(ctx.split_saved, state, grad_out)
+            log.accumulate(store_grads)
+            return None, token_grad, dq, None, None, None
         with torch.enable_grad():
             leaves = [
                 q.detach().requires_grad_(),
@@ -244,18 +253,20 @@ class _LoggedRead(Function):
             out = ctx.fn(leaves[0], shadow)
             grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
         log.accumulate(list(grads[1:]))
-        token_grad = torch.zeros((), dtype=q.dtype, device=q.device) if ctx.has_token else None
-        return None, token_grad, grads[0], None, None
+        return None, token_grad, grads[0], None, None, None
 
 
-def logged_read(q: Tensor, state: MemoryState, fn: Callable[[Tensor, MemoryState], Tensor]) -> Tensor:
+def logged_read(q: Tensor, state: MemoryState, fn: Callable[[Tensor, MemoryState], Tensor], split=None) -> Tensor:
     """``fn(q, state)`` (a plain read) with its backward done through the store's log.
 
-    q: (b h n dk) -> (b h n dv).
+    q: (b h n dk) -> (b h n dv). ``split``, if given, computes the same read as a forward that
+    saves O(n) tensors (``split.forward(q, state) -> (out, saved)``) and a backward from them
+    (``split.backward(saved, state, grad_out) -> (dq, dkeys, dvalues, dstrength)``); without it
+    backward recomputes ``fn`` under autograd.
     """
     log: StoreLog = state._log
     _check_at_version(state)
-    out, token = _LoggedRead.apply(log, log.token, q, state, fn)
+    out, token = _LoggedRead.apply(log, log.token, q, state, fn, split)
     log.advance(token)
     return out
 
