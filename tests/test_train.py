@@ -57,6 +57,13 @@ def test_inplace_memory_trains_like_the_copying_writes(bptt_segments):
         torch.testing.assert_close(params_b[name], params_a[name], rtol=1e-3, atol=1e-4)
 
 
+def test_task_loss_checks_inplace_memory():
+    from memgpt.train import TaskLoss
+
+    with pytest.raises(TypeError, match="inplace_memory must be a bool, got str"):
+        TaskLoss(tiny_model(), "memory", inplace_memory="yes")
+
+
 def test_resume_is_bit_identical(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     a = Trainer(tiny_model(), "memory", "recall", TASK, tiny_cfg(steps=6))
