@@ -44,7 +44,7 @@ def text_config(args: argparse.Namespace) -> TextConfig:
     cfg.train.device, cfg.train.seed = args.device, args.seed
     if args.steps is not None:
         cfg.train.steps = args.steps
-    for name in ("qk_norm", "top_k", "repeat_prob"):
+    for name in ("qk_norm", "shift_keys", "top_k", "repeat_prob"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if cfg.top_k == 0:
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--fusion-bias", type=float, default=0.0, help="fusion gate bias at initialisation (both models)")
     x.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="cosine-similarity memory reads with a learned scale (both models; default: TextConfig's)")
+    x.add_argument("--shift-keys", action=argparse.BooleanOptionalAction, default=None,
+                   help="key the memory slot of character t by character t-1 (induction-shaped writes)")
     x.add_argument("--top-k", type=int, default=None, help="read only the k best memory slots (0: all)")
     x.add_argument("--repeat-prob", type=float, default=None,
                    help="fraction of training windows with one chunk repeated >= 1 segment later (both models)")

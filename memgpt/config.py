@@ -26,7 +26,9 @@ class MemGPTConfig:
     heads of ``memory_capacity`` slots per sample. ``token_shift`` adds a learned embedding of
     the previous token to each input embedding (see the README's design decisions).
     ``qk_norm`` makes memory reads cosine similarities with a learned per-head scale, starting
-    at ``scale`` (default 10; see :class:`memgpt.layers.SoftmaxReader`).
+    at ``scale`` (default 10; see :class:`memgpt.layers.SoftmaxReader`). ``shift_keys`` keys the
+    slot written for token t by the writer's key of token t-1 (the segment's first token by the
+    key bias; :func:`memgpt.layers.writer.shift_keys`): induction-shaped writes.
     """
 
     vocab_size: int
@@ -49,6 +51,7 @@ class MemGPTConfig:
     tie_embeddings: bool = True
     token_shift: bool = True
     qk_norm: bool = False
+    shift_keys: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "segment_len", "memory_capacity", "memory_heads"):
@@ -68,8 +71,10 @@ class MemGPTConfig:
             raise ValueError(f"MemGPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.usage_decay <= 1.0:
             raise ValueError(f"MemGPTConfig.usage_decay must be in [0, 1], got {self.usage_decay}")
-        if not isinstance(self.qk_norm, bool):
-            raise TypeError(f"MemGPTConfig.qk_norm must be a bool, got {type(self.qk_norm).__name__} ({self.qk_norm!r})")
+        for name in ("qk_norm", "shift_keys"):
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise TypeError(f"MemGPTConfig.{name} must be a bool, got {type(value).__name__} ({value!r})")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"MemGPTConfig.scale must be > 0, got {self.scale}")
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .block import BlockState, MemGPTBlock, SegmentView
 from .config import MemGPTConfig
 from .layers import MemoryLayer, SoftmaxReader
+from .layers.writer import shift_keys
 from .memory import start_log
 from .model_state import MemGPTState
 
@@ -40,9 +41,22 @@ class GenerationOutput:
     state: MemGPTState
 
 
+class _ShiftedKeyMemoryLayer(MemoryLayer):
+    """A MemoryLayer whose store keys token t's slot by token t-1's key (``MemGPTConfig.shift_keys``).
+
+    The shift runs over the tokens of one ``store`` call. In a MemGPTModel that is always one whole
+    segment (the block stores a segment's buffered writer outputs when it completes), so
+    streaming, chunked and whole-sequence calls store the same keys; the first token of each
+    segment is keyed by the key bias.
+    """
+
+    def store(self, keys: Tensor, values: Tensor, strength: Tensor, state, mask: Tensor | None = None, **kwargs):
+        return super().store(shift_keys(keys, self.writer.null_key()), values, strength, state, mask, **kwargs)
+
+
 def memory_layer(c: MemGPTConfig) -> MemoryLayer:
     """The memory layer a block of this configuration holds."""
-    layer = MemoryLayer(
+    layer = (_ShiftedKeyMemoryLayer if c.shift_keys else MemoryLayer)(
         c.dim,
         heads=c.memory_heads,
         capacity=c.memory_capacity,

@@ -57,6 +57,7 @@ class TextConfig:
     fusion_bias_init: float = 0.0  # an even mix at the start: most of a character's prediction is local
     qk_norm: bool = False  # cosine-similarity memory reads with a learned scale (MemGPTConfig.qk_norm)
     top_k: int | None = None  # read only the top_k best slots (MemGPTConfig.top_k)
+    shift_keys: bool = False  # induction-shaped writes: token t's slot keyed by token t-1 (MemGPTConfig.shift_keys)
     # Training data: this fraction of windows gets one chunk repeated >= 1 segment further on
     # (TextWindowTask.repeat_prob); both models train on the same windows. Evaluation never has it.
     repeat_prob: float = 0.0
@@ -93,6 +94,7 @@ def build_text_model(cfg: TextConfig) -> MemGPTModel:
             vocab_size=CharVocab.size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, segment_len=cfg.segment_len,
             memory_capacity=cfg.memory_capacity, memory_heads=cfg.memory_heads,
             fusion_bias_init=cfg.fusion_bias_init, qk_norm=cfg.qk_norm, top_k=cfg.top_k,
+            shift_keys=cfg.shift_keys,
         )
     )
 

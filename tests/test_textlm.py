@@ -111,11 +111,11 @@ def test_tiny_training_run(tmp_path):
 def test_config_options_reach_the_model_and_the_task(tmp_path):
     """qk_norm and top_k build the memory readers; repeat_prob reaches the training windows (and
     is absent from the task's arguments when off, so older checkpoints' task_kwargs are unchanged)."""
-    cfg = tiny(qk_norm=True, top_k=4, repeat_prob=0.5, repeat_len=(4, 8))
+    cfg = tiny(qk_norm=True, top_k=4, shift_keys=True, repeat_prob=0.5, repeat_len=(4, 8))
     model = build_text_model(cfg)
     readers = [b.memory.reader for b in model.blocks]
     assert all(r.qk_norm and r.top_k == 4 for r in readers)
-    assert model.config.qk_norm and model.config.top_k == 4
+    assert model.config.qk_norm and model.config.top_k == 4 and model.config.shift_keys
     assert cfg.task_kwargs["repeat_prob"] == 0.5 and cfg.task_kwargs["repeat_len"] == (4, 8)
     assert "repeat_prob" not in tiny().task_kwargs and not build_text_model(tiny()).config.qk_norm
     for name in ("a.py", "b.py", "c.py"):
@@ -132,7 +132,9 @@ def test_cli_text_flags():
     parse = build_parser().parse_args
     default = text_config(parse(["text"]))
     assert default == TextConfig(fusion_bias_init=default.fusion_bias_init)  # no flag: TextConfig's defaults
-    cfg = text_config(parse(["text", "--no-qk-norm", "--top-k", "8", "--repeat-prob", "0.25", "--steps", "7"]))
-    assert (cfg.qk_norm, cfg.top_k, cfg.repeat_prob, cfg.train.steps) == (False, 8, 0.25, 7)
+    cfg = text_config(parse(["text", "--no-qk-norm", "--no-shift-keys", "--top-k", "8", "--repeat-prob", "0.25",
+                             "--steps", "7"]))
+    assert (cfg.qk_norm, cfg.shift_keys, cfg.top_k, cfg.repeat_prob, cfg.train.steps) == (False, False, 8, 0.25, 7)
+    assert text_config(parse(["text", "--shift-keys"])).shift_keys is True
     assert text_config(parse(["text", "--qk-norm", "--top-k", "0"])).qk_norm is True
     assert text_config(parse(["text", "--top-k", "0"])).top_k is None

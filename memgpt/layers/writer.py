@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ._validation import check_input, head_dim, positive_int
 
-__all__ = ["GatedWriter"]
+__all__ = ["GatedWriter", "shift_keys"]
 
 
 class GatedWriter(nn.Module):
@@ -31,6 +31,10 @@ class GatedWriter(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, key_dim={self.key_dim}, value_dim={self.value_dim}"
 
+    def null_key(self) -> Tensor:
+        """(h dk) the key of a zero input (the key bias): what a shifted write keys its first token by."""
+        return rearrange(self.key_proj.bias, "(h e) -> h e", h=self.heads)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (b n d) -> keys (b h n dk), values (b h n dv), strength g (b h n) in (0, 1)."""
         check_input("x", x, self.dim)
@@ -38,3 +42,20 @@ class GatedWriter(nn.Module):
         values = rearrange(self.value_proj(x), "b n (h e) -> b h n e", h=self.heads)
         strength = torch.sigmoid(rearrange(self.gate_proj(x), "b n h -> b h n"))
         return keys, values, strength
+
+
+def shift_keys(keys: Tensor, first: Tensor) -> Tensor:
+    """keys (b h n dk), first (h dk) -> (b h n dk): token t gets token t-1's key, token 0 ``first``.
+
+    Induction-shaped writes: the slot written for token t is then keyed by the context that
+    *preceded* t and holds t's value, so a query made from the context ending at s retrieves what
+    followed the same context earlier, i.e. the next token. With unshifted keys the slot that
+    matches the query's context holds that context's own last token, which the query already has.
+    """
+    b, h, n, dk = keys.shape
+    if tuple(first.shape) != (h, dk):
+        raise ValueError(f"shift_keys: first must be (h dk) = {(h, dk)}, got {tuple(first.shape)}")
+    if n == 0:
+        return keys
+    head = first.to(keys.dtype)[None, :, None, :].expand(b, h, 1, dk)
+    return torch.cat([head, keys[:, :, :-1]], dim=2)
