@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("text", help="character LM on CPython's stdlib: memory vs baseline, bits per character")
     common(x)
     x.add_argument("--out", default="out/text", help="folder for results.json, manifest.json, the plot, checkpoints")
-    x.add_argument("--steps", type=int, default=None, help="training steps per model (default 800)")
+    x.add_argument("--steps", type=int, default=None, help="training steps per model (default 600)")
     x.add_argument("--eval-split", choices=("test", "validation"), default="test")
     x.add_argument("--eval-max-chars", type=int, default=0, help="characters per file, from its start (0: all)")
     x.add_argument("--fusion-bias", type=float, default=0.0, help="fusion gate bias at initialisation (both models)")

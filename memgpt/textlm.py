@@ -1,7 +1,9 @@
 """Real text: a character language model on CPython's own standard library, memory vs baseline.
 
 Trains two identical models on the same windows and budget (``TextWindowTask``: windows of
-``segments * segment_len`` characters of the ``train`` split, memory empty at each window start):
+``segments * segment_len`` characters of the ``train`` split, memory empty at each window start;
+by default each window has one chunk of 32-256 characters repeated 128-512 characters further on,
+``repeat_prob``, a curriculum for copying through memory that only the memory model can use):
 
 - memory:   one call per window; memory carries the window's earlier segments;
 - baseline: one call per segment with a fresh state: nothing crosses a segment boundary;
@@ -55,12 +57,12 @@ class TextConfig:
     memory_heads: int = 4
     memory_capacity: int = 512
     fusion_bias_init: float = 0.0  # an even mix at the start: most of a character's prediction is local
-    qk_norm: bool = False  # cosine-similarity memory reads with a learned scale (MemGPTConfig.qk_norm)
+    qk_norm: bool = True  # cosine-similarity memory reads with a learned scale (MemGPTConfig.qk_norm)
     top_k: int | None = None  # read only the top_k best slots (MemGPTConfig.top_k)
-    shift_keys: bool = False  # induction-shaped writes: token t's slot keyed by token t-1 (MemGPTConfig.shift_keys)
+    shift_keys: bool = True  # induction-shaped writes: token t's slot keyed by token t-1 (MemGPTConfig.shift_keys)
     # Training data: this fraction of windows gets one chunk repeated >= 1 segment further on
     # (TextWindowTask.repeat_prob); both models train on the same windows. Evaluation never has it.
-    repeat_prob: float = 0.0
+    repeat_prob: float = 1.0
     repeat_len: tuple[int, int] = (32, 256)
     repeat_distance: tuple[int, int] | None = None  # None: (segment_len, memory_capacity), what memory can copy from
     context: int = 16  # far-copyable: this many preceding characters
@@ -74,7 +76,7 @@ class TextConfig:
     eval_seed: int = 1234
     root: str | None = None  # the stdlib tree; None = the running interpreter's
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=800, batch_size=8, lr=3e-3, warmup_steps=50, log_every=25)
+        default_factory=lambda: TrainConfig(steps=600, batch_size=8, lr=3e-3, warmup_steps=50, log_every=25)
     )
 
     @property

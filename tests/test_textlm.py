@@ -117,7 +117,8 @@ def test_config_options_reach_the_model_and_the_task(tmp_path):
     assert all(r.qk_norm and r.top_k == 4 for r in readers)
     assert model.config.qk_norm and model.config.top_k == 4 and model.config.shift_keys
     assert cfg.task_kwargs["repeat_prob"] == 0.5 and cfg.task_kwargs["repeat_len"] == (4, 8)
-    assert "repeat_prob" not in tiny().task_kwargs and not build_text_model(tiny()).config.qk_norm
+    off = tiny(qk_norm=False, shift_keys=False, repeat_prob=0.0)
+    assert "repeat_prob" not in off.task_kwargs and not build_text_model(off).config.qk_norm
     for name in ("a.py", "b.py", "c.py"):
         (tmp_path / name).write_text("".join(f"x_{i} = {i}\n" for i in range(40)))
     from memgpt.train import make_task

@@ -50,7 +50,8 @@ def insert_repeats(
 ) -> Tensor:
     """windows (b L) -> a copy where each row, with probability ``prob``, has one chunk repeated.
 
-    Per chosen row: a length ``c`` uniform in [min_len, max_len], a distance ``D`` uniform in
+    Per chosen row: a length ``c`` uniform in [min_len, max_len] (both clipped to at most
+    ``L - min_distance``, so that a chunk fits), a distance ``D`` uniform in
     [min_distance, min(max_distance, L - c)], a source start ``s`` uniform in [0, L - c - D];
     then ``row[s+D : s+D+c] = row[s : s+c]`` (the original chunk). With ``min_distance`` >= the
     segment length, every repeated character's source lies in an earlier segment, so only
@@ -61,16 +62,18 @@ def insert_repeats(
     if prob == 0.0:
         return windows
     b, L = windows.shape
-    if not 1 <= min_len <= max_len or not 1 <= min_distance <= max_distance or min_distance + min_len > L:
+    if not 1 <= min_len <= max_len or not 1 <= min_distance <= max_distance or min_distance >= L:
         raise ValueError(
             f"insert_repeats: need 1 <= min_len <= max_len, 1 <= min_distance <= max_distance and "
-            f"min_distance + min_len <= window length {L}; got lengths [{min_len}, {max_len}], "
+            f"min_distance < window length {L}; got lengths [{min_len}, {max_len}], "
             f"distances [{min_distance}, {max_distance}]"
         )
+    c_hi = min(max_len, L - min_distance)
+    c_lo = min(min_len, c_hi)
     out = windows.clone()
     chosen = torch.rand(b, generator=generator) < prob
     for r in chosen.nonzero().flatten().tolist():
-        c = int(torch.randint(min_len, min(max_len, L - min_distance) + 1, (1,), generator=generator))
+        c = int(torch.randint(c_lo, c_hi + 1, (1,), generator=generator))
         hi = min(max_distance, L - c)
         d = int(torch.randint(min_distance, hi + 1, (1,), generator=generator))
         s = int(torch.randint(0, L - c - d + 1, (1,), generator=generator))

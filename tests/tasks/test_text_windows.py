@@ -148,8 +148,12 @@ def test_insert_repeats_probability_and_no_draws_at_zero():
     assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=g1))  # nothing was drawn
     with pytest.raises(ValueError, match="prob must be in"):
         insert_repeats(windows, 1.5, min_len=4, max_len=8, min_distance=16, max_distance=32, generator=g)
-    with pytest.raises(ValueError, match="min_distance \\+ min_len <= window length 64"):
-        insert_repeats(windows, 0.5, min_len=40, max_len=48, min_distance=32, max_distance=40, generator=g)
+    with pytest.raises(ValueError, match="min_distance < window length 64"):
+        insert_repeats(windows, 0.5, min_len=4, max_len=8, min_distance=64, max_distance=80, generator=g)
+    # chunks longer than the room left are clipped to fit: a 32-character chunk at distance >= 40
+    clipped = insert_repeats(windows, 1.0, min_len=40, max_len=48, min_distance=40, max_distance=60, generator=g)
+    changed = (clipped != windows).sum(dim=1)
+    assert int(changed.min()) == int(changed.max()) == 24
 
 
 def test_text_window_task_repeats(tmp_path):
