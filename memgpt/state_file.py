@@ -54,7 +54,15 @@ STATE_CONFIG_KEYS = (
     "eviction",
     "usage_decay",
     "token_shift",
+    "shift_keys",
 )
+# Settings added to STATE_CONFIG_KEYS after files were first written, with the value every
+# older file was written under (an older file lacks the key; it still loads).
+LEGACY_DEFAULTS = {"shift_keys": False}
+
+
+def _with_legacy_defaults(config: dict) -> dict:
+    return {k: v for k, v in LEGACY_DEFAULTS.items() if k not in config} | config
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -215,7 +223,7 @@ def read_header(path: str | os.PathLike) -> dict:
         raise ValueError(f"{where}: batch_size must be >= 1, got {header['batch_size']}")
     if _field(where, header, "dtype", str) not in _DTYPES:
         raise ValueError(f"{where}: dtype expected one of {sorted(_DTYPES)}, got {header['dtype']!r}")
-    config = _field(where, header, "config", dict)
+    config = _with_legacy_defaults(_field(where, header, "config", dict))
     if sorted(config) != sorted(STATE_CONFIG_KEYS):
         raise ValueError(f"{where}: config keys expected {sorted(STATE_CONFIG_KEYS)}, got {sorted(config)}")
     try:  # the settings must be ones a model can have: a MemGPTConfig validates them
@@ -283,7 +291,7 @@ def load_state(
     param = None if model is None or isinstance(model, MemGPTConfig) else next(model.parameters())
     where = repr(os.fspath(path))
     header = read_header(path)
-    config, batch, dtype = header["config"], header["batch_size"], _DTYPES[header["dtype"]]
+    config, batch, dtype = _with_legacy_defaults(header["config"]), header["batch_size"], _DTYPES[header["dtype"]]
     tensors = _read_tensors(where, os.fspath(path), state_spec(config, batch, dtype))
     digest = _digest(header, tensors)
     if digest != header["sha256"]:

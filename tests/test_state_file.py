@@ -259,6 +259,24 @@ def test_another_models_state_is_rejected(saved, other, message):
         MemGPTState.load(path, model.config)
 
 
+def test_shift_keys_is_checked_and_older_files_without_it_load(tmp_path, saved):
+    """shift_keys changes what stored keys mean; a file from before the setting existed has none
+    and was written without it."""
+    model, state, path, _ = saved
+    shifted = make_model(memory_heads=2, eviction="usage", shift_keys=True)
+    with pytest.raises(ValueError, match="was saved for another model: shift_keys expected True \\(the model\\), got False"):
+        MemGPTState.load(path, shifted)
+
+    def drop(h):
+        del h["config"]["shift_keys"]
+        return h
+
+    older = redigest(rewrite(path, tmp_path / "older.safetensors", header=drop))
+    assert_same_state(MemGPTState.load(older, model), state)
+    with pytest.raises(ValueError, match="shift_keys expected True"):
+        MemGPTState.load(older, shifted)
+
+
 def test_model_dtype_and_device_are_checked(saved):
     model, _, path, _ = saved
     double = make_model(memory_heads=2, eviction="usage").double()

@@ -86,7 +86,9 @@ def _read(q: Tensor, state: MemoryState, s: float, top_k: int | None, gated_scor
     if top_k is not None:
         return _read_top_k(q, state, s, top_k, gated_scores)
     ct = _compute_dtype(q.dtype, q.device)
-    if q.device.type == "cpu" and _needs_grad(q, state, gated_scores):
+    if q.device.type == "cpu" and _bias_needs_grad(state, gated_scores):
+        # A float mask that needs a gradient would send SDPA to its math path on CPU; a mask that
+        # needs none keeps the fused kernel both ways (so the plain masked call stays below).
         out = folded_attention(q, state, slot_bias(state, gated_scores, ct), s, ct)
     else:
         bias = slot_bias(state, gated_scores, ct)[:, :, None, :]  # (b h 1 m)
@@ -103,6 +105,10 @@ def _read(q: Tensor, state: MemoryState, s: float, top_k: int | None, gated_scor
     if out.device.type == "cpu" and not torch.compiler.is_compiling() and bool(has_valid.all()):
         return out.to(q.dtype)
     return (out * has_valid).to(q.dtype)
+
+
+def _bias_needs_grad(state: MemoryState, gated_scores: bool) -> bool:
+    return torch.is_grad_enabled() and gated_scores and state.strength.requires_grad
 
 
 def _needs_grad(q: Tensor, state: MemoryState, gated_scores: bool) -> bool:
