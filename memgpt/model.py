@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from .block import BlockState, MemGPTBlock, SegmentView
 from .config import MemGPTConfig
-from .layers import MemoryLayer, SoftmaxReader
-from .layers.writer import shift_keys
+from .layers import MemoryLayer
 from .memory import start_log
 from .model_state import MemGPTState
 
@@ -41,22 +40,9 @@ class GenerationOutput:
     state: MemGPTState
 
 
-class _ShiftedKeyMemoryLayer(MemoryLayer):
-    """A MemoryLayer whose store keys token t's slot by token t-1's key (``MemGPTConfig.shift_keys``).
-
-    The shift runs over the tokens of one ``store`` call. In a MemGPTModel that is always one whole
-    segment (the block stores a segment's buffered writer outputs when it completes), so
-    streaming, chunked and whole-sequence calls store the same keys; the first token of each
-    segment is keyed by the key bias.
-    """
-
-    def store(self, keys: Tensor, values: Tensor, strength: Tensor, state, mask: Tensor | None = None, **kwargs):
-        return super().store(shift_keys(keys, self.writer.null_key()), values, strength, state, mask, **kwargs)
-
-
 def memory_layer(c: MemGPTConfig) -> MemoryLayer:
     """The memory layer a block of this configuration holds."""
-    layer = (_ShiftedKeyMemoryLayer if c.shift_keys else MemoryLayer)(
+    return MemoryLayer(
         c.dim,
         heads=c.memory_heads,
         capacity=c.memory_capacity,
@@ -68,13 +54,9 @@ def memory_layer(c: MemGPTConfig) -> MemoryLayer:
         gated_scores=c.gated_scores,
         usage_decay=c.usage_decay,
         fusion_bias_init=c.fusion_bias_init,
+        qk_norm=c.qk_norm,
+        shift_keys=c.shift_keys,
     )
-    if c.qk_norm:  # MemoryLayer has no qk_norm argument (yet): swap in a cosine reader
-        layer.reader = SoftmaxReader(
-            c.dim, c.memory_heads, c.key_dim, c.value_dim, scale=c.scale, top_k=c.top_k,
-            gated_scores=c.gated_scores, qk_norm=True,
-        )
-    return layer
 
 
 def _unshared(state: MemGPTState, caller: MemGPTState | None) -> MemGPTState:

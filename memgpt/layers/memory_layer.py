@@ -12,6 +12,7 @@ from ._validation import check_input, check_token_mask, positive_int
 from .fusion import GatedFusion
 from .reader import SoftmaxReader
 from .writer import GatedWriter
+from .writer import shift_keys as shifted_keys
 
 __all__ = ["MemoryLayer"]
 
@@ -42,15 +43,22 @@ class MemoryLayer(nn.Module):
         gated_scores: bool = True,
         usage_decay: float = USAGE_DECAY,
         fusion_bias_init: float = 0.0,
+        qk_norm: bool = False,
+        shift_keys: bool = False,
     ) -> None:
         super().__init__()
         check_eviction(eviction)
+        if not isinstance(shift_keys, bool):
+            raise TypeError(f"shift_keys must be a bool, got {type(shift_keys).__name__} ({shift_keys!r})")
+        self.shift_keys = shift_keys
         self.capacity = positive_int("capacity", capacity)
         self.eviction = eviction
         if isinstance(usage_decay, bool) or not isinstance(usage_decay, (int, float)) or not 0 <= usage_decay <= 1:
             raise ValueError(f"usage_decay must be a float in [0, 1], got {usage_decay!r}")
         self.usage_decay = float(usage_decay)
-        self.reader = SoftmaxReader(dim, heads, key_dim, value_dim, scale=scale, top_k=top_k, gated_scores=gated_scores)
+        self.reader = SoftmaxReader(
+            dim, heads, key_dim, value_dim, scale=scale, top_k=top_k, gated_scores=gated_scores, qk_norm=qk_norm
+        )
         self.writer = GatedWriter(dim, heads, key_dim, value_dim)
         self.fusion = GatedFusion(dim, bias_init=fusion_bias_init)
 
@@ -63,7 +71,10 @@ class MemoryLayer(nn.Module):
         return self.reader.heads
 
     def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, eviction={self.eviction!r}, usage_decay={self.usage_decay}"
+        return (
+            f"capacity={self.capacity}, eviction={self.eviction!r}, usage_decay={self.usage_decay}, "
+            f"shift_keys={self.shift_keys}"
+        )
 
     def empty_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -109,8 +120,12 @@ class MemoryLayer(nn.Module):
         """Write the writer's outputs (keys (b h n dk), values (b h n dv), strength (b h n)).
 
         ``inplace=True`` writes into ``state``'s tensors and donates it (logged under autograd);
-        see :func:`memgpt.memory.write`.
+        see :func:`memgpt.memory.write`. With ``shift_keys`` the slot of token t is keyed by token
+        t-1's key over the tokens of this call (the first by the key bias): a MemGPTModel stores
+        one whole segment per call, so streaming and whole-sequence calls store the same keys.
         """
+        if self.shift_keys:
+            keys = shifted_keys(keys, self.writer.null_key())
         return write(
             state,
             keys.to(state.dtype),

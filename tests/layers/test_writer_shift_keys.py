@@ -73,3 +73,23 @@ def test_model_with_shift_keys_streams_like_one_call(qk_norm):
 def test_bad_shift_keys():
     with pytest.raises(TypeError, match="shift_keys must be a bool"):
         config(shift_keys=1)
+
+
+def test_memory_layer_takes_the_options_itself():
+    """MemoryLayer(qk_norm=..., shift_keys=...) builds the cosine reader and shifts stored keys;
+    a non-bool is refused."""
+    import pytest
+    import torch
+
+    from memgpt.layers import MemoryLayer
+
+    torch.manual_seed(0)
+    layer = MemoryLayer(8, heads=2, capacity=6, qk_norm=True, shift_keys=True).double()
+    assert layer.reader.qk_norm and layer.shift_keys
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    _, state = layer(x)
+    keys, _, strength = layer.writer(x)
+    want = torch.cat([layer.writer.null_key()[None, :, None, :], keys[:, :, :2]], dim=2) * strength[..., None]
+    torch.testing.assert_close(state.keys[:, :, :3], want)
+    with pytest.raises(TypeError, match="shift_keys must be a bool, got str"):
+        MemoryLayer(8, capacity=4, shift_keys="yes")
