@@ -33,6 +33,8 @@ Two ways to apply a write, with identical results:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -102,6 +104,16 @@ def _scatter_rows(store: Tensor, dest: Tensor, rows: Tensor) -> Tensor:
     return fresh[: b * h * m].view(b, h, m, d)
 
 
+class _Plan(NamedTuple):
+    """Where and what one write stores, computed before it is applied (in place or logged)."""
+
+    dest: Tensor  # (b h n) slot per token, m = discard
+    g: Tensor  # (b h n) write gate in the metadata dtype
+    step_new: Tensor  # (b n) write step per token
+    usage_old: Tensor  # (b h m) usage before the write (decayed under the usage policy)
+    n_written: Tensor  # (b,) tokens written per row
+
+
 def _records_grad(state: MemoryState, keys: Tensor, values: Tensor, strength: Tensor) -> bool:
     """Whether autograd records this write (then an in-place write must be a logged one)."""
     if not torch.is_grad_enabled():
@@ -111,43 +123,26 @@ def _records_grad(state: MemoryState, keys: Tensor, values: Tensor, strength: Te
     )
 
 
-def _write_logged(
-    state: MemoryState,
-    dest: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    g: Tensor,
-    step_new: Tensor,
-    usage_old: Tensor,
-    n_written: Tensor,
-) -> MemoryState:
+def _write_logged(state: MemoryState, keys: Tensor, values: Tensor, plan: _Plan) -> MemoryState:
     """The in-place write under autograd: the same rows as :func:`_apply_in_place`, logged first."""
     b, h, n, _ = keys.shape
-    m = state.capacity
+    m, dest = state.capacity, plan.dest
     src = (dest < m).flatten().nonzero().squeeze(1)  # (r,) flat (b h n) tokens that land
     slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten().index_select(0, src)
 
     def apply(target: MemoryState) -> MemoryState:
-        return _apply_in_place(target, dest, keys, values, g, step_new, usage_old, n_written)
+        return _apply_in_place(target, keys, values, plan)
 
-    return logged_write(state, keys, values, g, slot, src, apply)
+    return logged_write(state, keys, values, plan.g, slot, src, apply)
 
 
-def _apply_in_place(
-    state: MemoryState,
-    dest: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    g: Tensor,
-    step_new: Tensor,
-    usage_old: Tensor,
-    n_written: Tensor,
-) -> MemoryState:
+def _apply_in_place(state: MemoryState, keys: Tensor, values: Tensor, plan: _Plan) -> MemoryState:
     """Copy the surviving tokens' rows into ``state``'s tensors at ``dest`` (b h n; ``m`` = discard).
 
     Work is O(b·h·n) rows plus one host sync (the number of survivors): the surviving tokens are
     picked by a boolean mask so that ``index_copy_`` sees unique destinations only.
     """
+    dest, g, step_new, usage_old, n_written = plan
     b, h, n, dk = keys.shape
     m, dv = state.capacity, state.value_dim
     target = state if state.is_contiguous() else state.contiguous()
@@ -280,10 +275,9 @@ def write(
     else:  # usage
         dest = _priority_destinations(state, usage_old, torch.ones_like(g), step_new, rank, mask, n_written)
 
-    if inplace and records:
-        return _write_logged(state, dest, keys, values, g, step_new, usage_old, n_written)
     if inplace:
-        return _apply_in_place(state, dest, keys, values, g, step_new, usage_old, n_written)
+        plan = _Plan(dest, g, step_new, usage_old, n_written)
+        return (_write_logged if records else _apply_in_place)(state, keys, values, plan)
 
     # For each slot, the token that lands there (or -1); destinations are unique except the
     # discard column m, which is dropped.
