@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from memgpt import MemGPTConfig, MemGPTModel
-from memgpt.distributed import init_from_env, shutdown
-from memgpt.train import TrainConfig, Trainer
+from memgpt.training.distributed import init_from_env, shutdown
+from memgpt.training.trainer import TrainConfig, Trainer
 
 MODEL = dict(vocab_size=24, dim=32, depth=1, heads=2, segment_len=8, memory_capacity=32, memory_heads=2)
 TASK = dict(num_keys=8, num_values=8, num_filler=8, segment_len=8)

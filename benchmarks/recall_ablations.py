@@ -1,6 +1,6 @@
 """Which design choices make the memory learn segmented recall: each default against its alternative.
 
-Trains the demo's memory model (``memgpt.demo.DemoConfig``) once per variant, same data and
+Trains the demo's memory model (``memgpt.apps.demo.DemoConfig``) once per variant, same data and
 budget, and prints held-out accuracy (4 pairs) at distances 2 and 8 halfway through training and
 at its end: the first pair says how fast it learns, the second where it gets. One change per
 row, everything else at the demo's defaults:
@@ -25,8 +25,8 @@ import time
 import torch
 from torch import nn
 
-from memgpt.demo import DemoConfig, build_model
-from memgpt.train import Trainer, evaluate
+from memgpt.apps.demo import DemoConfig, build_model
+from memgpt.training.trainer import Trainer, evaluate
 
 VARIANTS = {
     "default": {},

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from memgpt import MemGPTConfig, MemGPTModel
-from memgpt.distributed import init_from_env, shutdown
+from memgpt.training.distributed import init_from_env, shutdown
 from memgpt.tasks import RecallTask
-from memgpt.train import TaskLoss
+from memgpt.training.trainer import TaskLoss
 
 torch.set_num_threads(1)
 world, _ = init_from_env(torch.device("cpu"))

@@ -3,8 +3,7 @@
 The memory is explicit state: ``y, state = layer(x, state)``. See the README for shapes.
 """
 
-from .block import BlockState, MemGPTBlock, SegmentBuffer, SegmentView
-from .config import MemGPTConfig
+from ._version import __version__
 from .layers import (
     FeedForward,
     GatedFusion,
@@ -15,10 +14,17 @@ from .layers import (
     SoftmaxReader,
 )
 from .memory import MemoryState
-from .model import GenerationOutput, MemGPTModel, MemGPTOutput
-from .model_state import MemGPTState
-
-__version__ = "0.1.0"
+from .models import (
+    BlockState,
+    GenerationOutput,
+    MemGPTBlock,
+    MemGPTConfig,
+    MemGPTModel,
+    MemGPTOutput,
+    MemGPTState,
+    SegmentBuffer,
+    SegmentView,
+)
 
 __all__ = [
     "MemoryState",

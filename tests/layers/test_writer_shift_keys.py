@@ -8,7 +8,7 @@ import torch
 from memgpt import MemGPTConfig, MemGPTModel
 from memgpt.layers import GatedWriter
 from memgpt.layers.writer import shift_keys
-from memgpt.model import memory_layer
+from memgpt.models.model import memory_layer
 from memgpt.testing import assert_close_dtype
 
 F64 = torch.float64

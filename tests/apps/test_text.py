@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from memgpt.tasks.stdlib_text import CharVocab
 from memgpt.tasks.text_windows import copy_probe
 from memgpt.testing import assert_close_dtype
-from memgpt.textlm import TextConfig, build_text_model, position_bins, probe_bits, run_text, stream_bits
-from memgpt.train import TrainConfig
+from memgpt.apps.text import TextConfig, build_text_model, position_bins, probe_bits, run_text, stream_bits
+from memgpt.training.trainer import TrainConfig
 
 V = CharVocab()
 
@@ -121,14 +121,14 @@ def test_config_options_reach_the_model_and_the_task(tmp_path):
     assert "repeat_prob" not in off.task_kwargs and not build_text_model(off).config.qk_norm
     for name in ("a.py", "b.py", "c.py"):
         (tmp_path / name).write_text("".join(f"x_{i} = {i}\n" for i in range(40)))
-    from memgpt.train import make_task
+    from memgpt.training.trainer import make_task
 
     task = make_task("text", **{**cfg.task_kwargs, "root": str(tmp_path)})
     assert task.repeat_prob == 0.5 and task.repeat_len == (4, 8) and task.repeat_distance == (8, 32)
 
 
 def test_cli_text_flags():
-    from memgpt.cli import build_parser, text_config
+    from memgpt.apps.cli import build_parser, text_config
 
     parse = build_parser().parse_args
     default = text_config(parse(["text"]))

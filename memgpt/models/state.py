@@ -1,26 +1,22 @@
 """The state a MemGPT model carries between calls.
 
 ``save``/``load`` write and read ``safetensors`` files with a JSON header (no pickle, so loading
-a state file cannot run code); the format and its checks live in :mod:`memgpt.state_file`.
+a state file cannot run code); the format and its checks live in :mod:`memgpt.models.state_file`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..memory import MemoryState
+from ..memory.state import metadata_dtype
 from .block import BlockState, SegmentBuffer
-from .memory import MemoryState
-from .memory.state import metadata_dtype
-from .state_file import STATE_FORMAT, STATE_VERSION, load_state, save_state
-
-if TYPE_CHECKING:
-    from .config import MemGPTConfig
-    from .model import MemGPTModel
+from .config import MemGPTConfig
+from .state_file import STATE_FORMAT, STATE_VERSION, config_of, read_state_file, write_state_file
 
 __all__ = ["MemGPTState", "STATE_FORMAT", "STATE_VERSION"]
 
@@ -146,20 +142,23 @@ class MemGPTState:
             layers.append(BlockState(memory, buffer))
         return cls(tuple(layers), tensors["position"], tensors["previous"])
 
-    def save(self, path: str | os.PathLike, model: "MemGPTModel | MemGPTConfig") -> None:
+    def save(self, path: str | os.PathLike, model: nn.Module | MemGPTConfig) -> None:
         """Write the state to a ``safetensors`` file at ``path`` (atomically; no pickle).
 
         ``model`` (the MemGPTModel the state belongs to, or its config) supplies what the header
         records and loading checks: depth, widths, segment length, capacity, eviction policy.
-        See :mod:`memgpt.state_file`.
+        See :mod:`memgpt.models.state_file`.
         """
-        save_state(self, path, model)
+        config = config_of(model)
+        for layer in self.layers:
+            layer.memory.check_live()  # a store donated to an in-place write holds a later state now
+        write_state_file(path, self._flat(), config, self.batch_size)
 
     @classmethod
     def load(
         cls,
         path: str | os.PathLike,
-        model: "MemGPTModel | MemGPTConfig | None" = None,
+        model: nn.Module | MemGPTConfig | None = None,
         *,
         map_location: str | torch.device | None = None,
     ) -> "MemGPTState":
@@ -169,7 +168,24 @@ class MemGPTState:
         With ``model`` the file must match its settings, and the state lands on the model's device
         unless ``map_location`` says otherwise. A missing file raises FileNotFoundError.
         """
-        return load_state(path, model, map_location=map_location)
+        config = None if model is None else config_of(model)
+        param = None if model is None or isinstance(model, MemGPTConfig) else next(model.parameters())
+        where = repr(os.fspath(path))
+        tensors, header = read_state_file(path, config, None if param is None else param.dtype)
+        try:
+            state = cls._from_flat(tensors, header["config"]["depth"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: inconsistent state file: {e}") from e
+        if param is not None and map_location is None:
+            map_location = param.device
+        if map_location is not None:
+            state = state.to(map_location)
+        if param is not None and state.position.device == param.device:
+            try:  # everything it checks is checked above already; kept so the two can never disagree
+                model.check_state(state, header["batch_size"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where} does not fit the model: {e}") from e
+        return state
 
     def __repr__(self) -> str:
         mem = self.layers[0].memory if self.layers else None

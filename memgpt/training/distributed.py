@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m memgpt train ...`` starts N processes with ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` in their environment. :func:`init_from_env` joins them in a
-process group (NCCL on CUDA, gloo on CPU); the :class:`~memgpt.train.Trainer` sees the group,
+process group (NCCL on CUDA, gloo on CPU); the :class:`~memgpt.training.trainer.Trainer` sees the group,
 wraps its loss module in ``DistributedDataParallel`` and gives every rank its own slice of the
 global batch. Each rank's memory state is a value the model returns, never a module buffer, so
 DDP's buffer broadcast cannot touch it: ranks keep different memories, and only gradients are

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .memory.checks import check_eviction
-from .memory.write import USAGE_DECAY
+from ..memory.checks import check_eviction
+from ..memory.write import USAGE_DECAY
 
 __all__ = ["MemGPTConfig"]
 

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._report import jsonable, pyplot
-from .config import MemGPTConfig
-from .model import MemGPTModel
-from .tasks.base import IGNORE_INDEX
-from .tasks.stdlib_text import CharVocab, StdlibCorpus
-from .tasks.text_windows import copy_probe, far_copyable_mask
-from .train import TrainConfig, Trainer, resolve_device, run_model
+from .report import jsonable, pyplot
+from ..models.config import MemGPTConfig
+from ..models.model import MemGPTModel
+from ..tasks.base import IGNORE_INDEX
+from ..tasks.stdlib_text import CharVocab, StdlibCorpus
+from ..tasks.text_windows import copy_probe, far_copyable_mask
+from ..training.trainer import TrainConfig, Trainer, resolve_device, run_model
 
 __all__ = ["TextConfig", "build_text_model", "stream_bits", "probe_bits", "evaluate_text", "run_text"]
 

@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py, launched by ``torchrun --nproc_per_node 2``.
+"""One rank of tests/training/test_distributed.py, launched by ``torchrun --nproc_per_node 2``.
 
 argv: OUT_DIR SPEC_JSON. For each run in the spec (a model kind and truncated-BPTT setting) it
 trains a few DDP steps with memgpt's Trainer and writes, per rank, the flat parameters after
@@ -18,9 +18,9 @@ torch.set_num_threads(1)
 from safetensors.torch import save_file  # noqa: E402
 
 from memgpt import MemGPTConfig, MemGPTModel  # noqa: E402
-from memgpt.cli import main  # noqa: E402
-from memgpt.distributed import init_from_env, shutdown  # noqa: E402
-from memgpt.train import TrainConfig, Trainer  # noqa: E402
+from memgpt.apps.cli import main  # noqa: E402
+from memgpt.training.distributed import init_from_env, shutdown  # noqa: E402
+from memgpt.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def train(spec: dict, run: dict) -> tuple[list[dict], dict[str, torch.Tensor]]:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .distributed import init_from_env, shutdown, world
-from .train import MODEL_KINDS, TrainConfig, Trainer, evaluate, load_checkpoint, make_task, resolve_device
+from ..training.distributed import init_from_env, shutdown, world
+from ..training.trainer import MODEL_KINDS, TrainConfig, Trainer, evaluate, load_checkpoint, make_task, resolve_device
 
 if TYPE_CHECKING:
-    from .textlm import TextConfig
+    from .text import TextConfig
 
 __all__ = ["main"]
 
@@ -38,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def text_config(args: argparse.Namespace) -> TextConfig:
     """The TextConfig of a ``text`` command line (flags left out keep TextConfig's defaults)."""
-    from .textlm import TextConfig
+    from .text import TextConfig
 
     cfg = TextConfig(eval_split=args.eval_split, eval_max_chars=args.eval_max_chars, fusion_bias_init=args.fusion_bias)
     cfg.train.device, cfg.train.seed = args.device, args.seed
@@ -57,7 +57,7 @@ def text_config(args: argparse.Namespace) -> TextConfig:
 
 
 def _text(args: argparse.Namespace) -> int:
-    from .textlm import format_table, run_text
+    from .text import format_table, run_text
 
     cfg = text_config(args)
     if args.threads:

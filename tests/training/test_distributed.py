@@ -1,4 +1,4 @@
-"""DDP training (memgpt/distributed.py, the Trainer under torchrun), on CPU with gloo.
+"""DDP training (memgpt/training/distributed.py, the Trainer under torchrun), on CPU with gloo.
 
 One ``torchrun --standalone --nproc_per_node 2`` launch of tests/ddp_worker.py trains three
 runs (memory; memory with one-segment truncated BPTT; baseline) for a few steps, then the CLI.
@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import memgpt.train
+import memgpt.training.trainer
 from memgpt import MemGPTConfig, MemGPTModel
-from memgpt.distributed import World, all_reduce_sum, init_from_env, launched_by_torchrun, world
+from memgpt.training.distributed import World, all_reduce_sum, init_from_env, launched_by_torchrun, world
 from memgpt.tasks import RecallTask
 from memgpt.testing import TOLERANCES
-from memgpt.train import TaskLoss, TrainConfig, Trainer
+from memgpt.training.trainer import TaskLoss, TrainConfig, Trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SPEC = {
@@ -146,7 +146,7 @@ def test_without_torchrun_nothing_is_initialised(monkeypatch):
 def test_global_batch_is_split_by_rank(monkeypatch):
     model = MemGPTModel(MemGPTConfig(**SPEC["model"]))
     cfg = TrainConfig(**SPEC["train"])
-    monkeypatch.setattr(memgpt.train, "world", lambda: World(0, 3))
+    monkeypatch.setattr(memgpt.training.trainer, "world", lambda: World(0, 3))
     with pytest.raises(ValueError, match="must be divisible by the 3 ranks, got 8"):
         Trainer(model, "memory", "recall", SPEC["task"], cfg)
     monkeypatch.undo()

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from .block import BlockState, MemGPTBlock, SegmentView
 from .config import MemGPTConfig
-from .layers import MemoryLayer
-from .memory import start_log
-from .model_state import MemGPTState
+from ..layers import MemoryLayer
+from ..memory import start_log
+from .state import MemGPTState
 
 __all__ = ["MemGPTModel", "MemGPTOutput", "GenerationOutput"]
 

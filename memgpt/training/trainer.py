@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import MemGPTConfig
+from ..models.config import MemGPTConfig
 from .distributed import all_reduce_sum, world
-from .model import MemGPTModel
-from .model_state import MemGPTState
-from .tasks import IGNORE_INDEX, PasskeyTask, RecallTask, TaskBatch
-from .tasks.text_windows import TextWindowTask
+from ..models.model import MemGPTModel
+from ..models.state import MemGPTState
+from ..tasks import IGNORE_INDEX, PasskeyTask, RecallTask, TaskBatch
+from ..tasks.text_windows import TextWindowTask
 
 __all__ = [
     "TrainConfig",
@@ -228,7 +228,7 @@ class Trainer:
     The data stream is a ``torch.Generator`` seeded by ``cfg.seed``; a checkpoint stores the
     model, the optimiser, both RNG states and the step, so a resumed run continues identically.
 
-    Under ``torchrun`` (a process group initialised, see :mod:`memgpt.distributed`) the loss
+    Under ``torchrun`` (a process group initialised, see :mod:`memgpt.training.distributed`) the loss
     module is wrapped in DistributedDataParallel. ``cfg.batch_size`` is the *global* batch: every
     rank draws it from the same data stream and trains on its own slice of rows, with the loss
     normalised by the global number of answer tokens, so the gradient DDP averages is exactly the

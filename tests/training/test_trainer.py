@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from memgpt import MemGPTConfig, MemGPTModel
-from memgpt.cli import main
+from memgpt.apps.cli import main
 from memgpt.tasks import RecallTask
-from memgpt.train import TrainConfig, Trainer, evaluate, lr_at, run_model
+from memgpt.training.trainer import TrainConfig, Trainer, evaluate, lr_at, run_model
 
 TASK = dict(num_keys=8, num_values=8, num_filler=8, segment_len=8)
 
@@ -58,7 +58,7 @@ def test_inplace_memory_trains_like_the_copying_writes(bptt_segments):
 
 
 def test_task_loss_checks_inplace_memory():
-    from memgpt.train import TaskLoss
+    from memgpt.training.trainer import TaskLoss
 
     with pytest.raises(TypeError, match="inplace_memory must be a bool, got str"):
         TaskLoss(tiny_model(), "memory", inplace_memory="yes")

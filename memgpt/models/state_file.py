@@ -1,4 +1,8 @@
-"""Memory that survives a restart: a :class:`MemGPTState` in a ``safetensors`` file.
+"""Memory that survives a restart: the format of a :class:`MemGPTState`'s ``safetensors`` file.
+
+This module knows the file (its header, tensor layout and checks), not the state or the model:
+it reads and writes a flat ``name -> tensor`` dict, and :mod:`memgpt.models.state` builds the
+state from it. So persistence needs neither :mod:`memgpt.models.model` nor the state class.
 
 No pickle: the file is a JSON header plus raw tensor bytes, so loading one cannot run code.
 The safetensors metadata holds one entry, ``memgpt.state``: a JSON header with the format
@@ -20,19 +24,24 @@ import hashlib
 import json
 import os
 import uuid
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .._version import __version__
+from ..memory.state import metadata_dtype
 from .config import MemGPTConfig
-from .memory.state import metadata_dtype
 
-if TYPE_CHECKING:
-    from .model import MemGPTModel
-    from .model_state import MemGPTState
-
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "save_state", "load_state", "read_header", "state_spec"]
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "config_of",
+    "write_state_file",
+    "read_state_file",
+    "read_header",
+    "state_config",
+    "state_spec",
+]
 
 STATE_FORMAT = "memgpt.MemGPTState"
 STATE_VERSION = 2  # 1 was torch.save (read with weights_only=True); 2 is safetensors
@@ -71,7 +80,8 @@ _SAFETENSORS_DTYPES = {
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 
 
-def _config(model: "MemGPTModel | MemGPTConfig", what: str) -> MemGPTConfig:
+def config_of(model: nn.Module | MemGPTConfig, what: str = "model") -> MemGPTConfig:
+    """The :class:`MemGPTConfig` of ``model`` (a MemGPTModel, or the config itself)."""
     config = model if isinstance(model, MemGPTConfig) else getattr(model, "config", None)
     if not isinstance(config, MemGPTConfig):
         raise TypeError(f"{what} must be a MemGPTModel or a MemGPTConfig, got {type(model).__name__}")
@@ -134,32 +144,30 @@ def _check_layout(where: str, layout: dict[str, tuple], spec: dict[str, tuple]) 
             raise ValueError(f"{where}: tensor {name!r} expected {dtype} {shape}, got {got_dtype} {got_shape}")
 
 
-def save_state(state: "MemGPTState", path: str | os.PathLike, model: "MemGPTModel | MemGPTConfig") -> None:
-    """Write ``state`` (detached, moved to CPU) to ``path`` atomically: a temporary file in the same
-    folder, then ``os.replace``; a crash mid-save leaves the previous file intact."""
-    import memgpt  # the package's version; imported here because memgpt/__init__ imports this module
-
-    config = state_config(_config(model, "model"))
+def write_state_file(
+    path: str | os.PathLike, tensors: dict[str, Tensor], config: MemGPTConfig, batch_size: int
+) -> None:
+    """Write a state's flat ``tensors`` (name -> tensor, as :func:`state_spec` lays them out for
+    ``config``) to ``path`` atomically: a temporary file in the same folder, then ``os.replace``;
+    a crash mid-save leaves the previous file intact. The tensors are detached and copied to CPU."""
+    settings = state_config(config)
     path = os.fspath(path)
-    for layer in state.layers:
-        layer.memory.check_live()  # a store donated to an in-place write holds a later state now
-    dtype = state.layers[0].memory.dtype if state.layers else torch.get_default_dtype()
+    dtype = tensors["layers.0.memory.keys"].dtype if config.depth else torch.get_default_dtype()
     if str(dtype).removeprefix("torch.") not in _DTYPES:
         raise ValueError(f"cannot save a state of dtype {dtype}: expected one of {sorted(_DTYPES)}")
     # clone: safetensors refuses tensors that share storage, and the file must not alias the state.
-    tensors = {
-        k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state._flat().items()
-    }
+    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     _check_layout(
         f"state to save in {path!r} (made for another model?)",
         {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
-        state_spec(config, state.batch_size, dtype),
+        state_spec(settings, batch_size, dtype),
     )
+    config = settings
     header = {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
-        "library_version": memgpt.__version__,
-        "batch_size": state.batch_size,
+        "library_version": __version__,
+        "batch_size": batch_size,
         "dtype": str(dtype).removeprefix("torch."),
         "config": config,
         "layers": [
@@ -273,53 +281,35 @@ def _read_tensors(where: str, path: str, spec: dict) -> dict[str, Tensor]:
         raise ValueError(f"{where}: unreadable tensor data: {e}") from e
 
 
-def load_state(
-    path: str | os.PathLike,
-    model: "MemGPTModel | MemGPTConfig | None" = None,
-    *,
-    map_location: str | torch.device | None = None,
-) -> "MemGPTState":
-    """Read a state written by :func:`save_state`; every check fails with ValueError naming the file.
+def read_state_file(
+    path: str | os.PathLike, config: MemGPTConfig | None = None, dtype: torch.dtype | None = None
+) -> tuple[dict[str, Tensor], dict]:
+    """Read and check a file written by :func:`write_state_file`: ``(tensors, header)`` on CPU, or
+    ValueError naming the file, the expected and the actual value.
 
-    With ``model`` (a MemGPTModel or its config) the header must match its settings; a model also
-    fixes the dtype (its parameters') and the default ``map_location`` (its device). A missing
-    file raises FileNotFoundError.
+    With ``config`` the header's settings must match it; with ``dtype`` the stored dtype must be it.
+    A missing file raises FileNotFoundError.
     """
-    from .model_state import MemGPTState
-
-    want = None if model is None else state_config(_config(model, "model"))
-    param = None if model is None or isinstance(model, MemGPTConfig) else next(model.parameters())
+    want = None if config is None else state_config(config)
     where = repr(os.fspath(path))
     header = read_header(path)
-    config, batch, dtype = _with_legacy_defaults(header["config"]), header["batch_size"], _DTYPES[header["dtype"]]
-    tensors = _read_tensors(where, os.fspath(path), state_spec(config, batch, dtype))
+    settings, batch = _with_legacy_defaults(header["config"]), header["batch_size"]
+    stored = _DTYPES[header["dtype"]]
+    tensors = _read_tensors(where, os.fspath(path), state_spec(settings, batch, stored))
     digest = _digest(header, tensors)
     if digest != header["sha256"]:
         raise ValueError(
             f"{where}: corrupt state file: SHA-256 of header and tensors expected {header['sha256'][:16]}..., "
             f"got {digest[:16]}..."
         )
-    _check_values(where, tensors, config)
+    _check_values(where, tensors, settings)
     # Integrity first, then compatibility: a corrupt file is reported as corrupt, not as "another model".
     for key in STATE_CONFIG_KEYS if want is not None else ():
-        if want[key] != config[key]:
+        if want[key] != settings[key]:
             raise ValueError(
                 f"{where} was saved for another model: {key} expected {want[key]!r} (the model), "
-                f"got {config[key]!r} (the file)"
+                f"got {settings[key]!r} (the file)"
             )
-    if param is not None and dtype != param.dtype:
-        raise ValueError(f"{where} holds a {dtype} state, the model computes in {param.dtype}")
-    try:
-        state = MemGPTState._from_flat(tensors, config["depth"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: inconsistent state file: {e}") from e
-    if param is not None and map_location is None:
-        map_location = param.device
-    if map_location is not None:
-        state = state.to(map_location)
-    if param is not None and state.position.device == param.device:
-        try:  # everything it checks is checked above already; kept so the two can never disagree
-            model.check_state(state, batch)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} does not fit the model: {e}") from e
-    return state
+    if dtype is not None and stored != dtype:
+        raise ValueError(f"{where} holds a {stored} state, the model computes in {dtype}")
+    return tensors, header | {"config": settings}

@@ -22,10 +22,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .layers import FeedForward, MemoryLayer, MultiHeadAttention
-from .layers._validation import check_input, check_token_mask, positive_int
-from .memory import MemoryState
-from .memory.state import metadata_dtype
+from ..layers import FeedForward, MemoryLayer, MultiHeadAttention
+from ..layers._validation import check_input, check_token_mask, positive_int
+from ..memory import MemoryState
+from ..memory.state import metadata_dtype
 
 __all__ = ["MemGPTBlock", "BlockState", "SegmentBuffer", "SegmentView"]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ._report import jsonable, pyplot
-from .config import MemGPTConfig
-from .model import MemGPTModel
-from .tasks import RecallTask
-from .train import TrainConfig, Trainer, evaluate, resolve_device
+from .report import jsonable, pyplot
+from ..models.config import MemGPTConfig
+from ..models.model import MemGPTModel
+from ..tasks import RecallTask
+from ..training.trainer import TrainConfig, Trainer, evaluate, resolve_device
 
 __all__ = ["DemoConfig", "run_demo", "build_model"]
 

@@ -1,4 +1,4 @@
-"""State files (memgpt/state_file.py): safetensors + JSON header; every bad file is a ValueError.
+"""State files (memgpt/models/state_file.py): safetensors + JSON header; every bad file is a ValueError.
 
 The contract: a load either returns a new, fully checked state or raises (ValueError, or
 FileNotFoundError for a missing file); nothing is ever half-loaded, and no file can run code.
@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import memgpt.state_file as state_file
+import memgpt.models.state_file as state_file
 from memgpt import MemGPTConfig, MemGPTModel, MemGPTState
-from memgpt.state_file import METADATA_KEY, read_header, state_config, state_spec
+from memgpt.models.state_file import METADATA_KEY, read_header, state_config, state_spec
 
 V, T = 37, 5
 BASE = dict(vocab_size=V, dim=16, depth=2, heads=2, segment_len=T, memory_capacity=4)
