@@ -62,7 +62,7 @@ class PlainLM(nn.Module):
         """Greedy decoding, one token per call, like ``MemGPTModel.generate``: (sequences (b n+new), caches)."""
         logits, caches = self(ids, caches)
         tokens = []
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             token = logits[:, -1].argmax(dim=-1)
             tokens.append(token)
             logits, caches = self(token[:, None], caches)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from harness import Timing, machine_line, measure
 
 

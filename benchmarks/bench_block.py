@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import _flops
 import _peers
+import torch
 from _models import PlainBlock
 from _report import measure_steps, measure_with_setup, parser, print_table, setup_run, write_json
 from harness import machine_line
+from torch.utils.flop_counter import FlopCounterMode
+
 from memgpt import BlockState, MemGPTBlock, MemoryLayer
 from memgpt.memory import MemoryState, read, reference
 
@@ -200,9 +200,15 @@ def peer_variants(shape: Shape, device, gen, x, grad_out, tmpdir: str) -> list[V
 
 
 COLUMNS = [
-    ("name", "block", "s"), ("ms", "ms/step", ".1f"), ("iqr_ms", "IQR", ".1f"), ("runs", "runs", "d"),
-    ("tokens_per_s", "tokens/s", ",.0f"), ("gflop_per_step", "GFLOP/step", ".1f"), ("gflops", "GFLOP/s", ".1f"),
-    ("vs_plain_tokens", "tok/s ÷ plain", ".2f"), ("note", "note", "s"),
+    ("name", "block", "s"),
+    ("ms", "ms/step", ".1f"),
+    ("iqr_ms", "IQR", ".1f"),
+    ("runs", "runs", "d"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+    ("gflop_per_step", "GFLOP/step", ".1f"),
+    ("gflops", "GFLOP/s", ".1f"),
+    ("vs_plain_tokens", "tok/s ÷ plain", ".2f"),
+    ("note", "note", "s"),
 ]
 
 
@@ -217,9 +223,14 @@ def time_variant(v: Variant, shape: Shape, quick: bool, device) -> dict:
     print(f"  {t}", flush=True)
     flops = None if v.parts is None else _flops.fwd_bwd_per_token(v.parts) * shape.tokens
     return dict(
-        name=v.name, ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, runs=t.runs, tokens_per_s=shape.tokens / t.median,
+        name=v.name,
+        ms=t.median * 1e3,
+        iqr_ms=t.iqr * 1e3,
+        runs=t.runs,
+        tokens_per_s=shape.tokens / t.median,
         gflops=None if flops is None else flops / t.median / 1e9,
-        gflop_per_step=None if flops is None else flops / 1e9, note=v.note,
+        gflop_per_step=None if flops is None else flops / 1e9,
+        note=v.note,
     )
 
 
@@ -232,8 +243,9 @@ def goal_ratios(rows: list[dict]) -> list[dict]:
     knn = by.get("memorizing-transformers KNN block")
     if knn is not None:
         for r, goal in ((full, 1.5), (topk, 2.0)):
-            out.append(dict(what=f"{r['name']} tokens/s ÷ KNN block", value=r["tokens_per_s"] / knn["tokens_per_s"],
-                            goal=goal))
+            out.append(
+                dict(what=f"{r['name']} tokens/s ÷ KNN block", value=r["tokens_per_s"] / knn["tokens_per_s"], goal=goal)
+            )
     for r in (full, topk):
         out.append(dict(what=f"{r['name']} GFLOP/s ÷ plain block", value=r["gflops"] / rows[0]["gflops"], goal=0.8))
     return out

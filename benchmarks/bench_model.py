@@ -35,10 +35,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-
 from _models import PlainLM
 from _report import measure_steps, parser, print_table, setup_run, sync, write_json
 from harness import machine_line
+
 from memgpt import BlockState, MemGPTBlock, MemGPTConfig, MemGPTModel, MemoryLayer
 from memgpt.memory import MemoryState, read, write
 
@@ -58,15 +58,44 @@ class Sizes:
     decode_batches: tuple[int, ...]
 
 
-FULL = Sizes(vocab=256, dim=256, depth=4, heads=4, seq=512, batch=8, segment_len=128, capacity=1024,
-             prompt=512, new_tokens=64, decode_batches=(1, 8))
-QUICK = Sizes(vocab=64, dim=64, depth=2, heads=2, seq=64, batch=2, segment_len=16, capacity=64,
-              prompt=32, new_tokens=8, decode_batches=(1,))
+FULL = Sizes(
+    vocab=256,
+    dim=256,
+    depth=4,
+    heads=4,
+    seq=512,
+    batch=8,
+    segment_len=128,
+    capacity=1024,
+    prompt=512,
+    new_tokens=64,
+    decode_batches=(1, 8),
+)
+QUICK = Sizes(
+    vocab=64,
+    dim=64,
+    depth=2,
+    heads=2,
+    seq=64,
+    batch=2,
+    segment_len=16,
+    capacity=64,
+    prompt=32,
+    new_tokens=8,
+    decode_batches=(1,),
+)
 
 
 def memgpt_config(s: Sizes, capacity: int | None = None) -> MemGPTConfig:
-    return MemGPTConfig(vocab_size=s.vocab, dim=s.dim, depth=s.depth, heads=s.heads, segment_len=s.segment_len,
-                        memory_capacity=capacity or s.capacity, memory_heads=s.heads)
+    return MemGPTConfig(
+        vocab_size=s.vocab,
+        dim=s.dim,
+        depth=s.depth,
+        heads=s.heads,
+        segment_len=s.segment_len,
+        memory_capacity=capacity or s.capacity,
+        memory_heads=s.heads,
+    )
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -153,8 +182,16 @@ def bench_training(s: Sizes, device, gen, run_time: float) -> list[dict]:
             raise AssertionError(f"{name}: non-finite training loss {loss.item()}")
         t = measure_steps(step, name, min_run_time=run_time, min_runs=3, device=device)
         print(f"  {t}", flush=True)
-        rows.append(dict(name=name, params=n_params(model), ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, runs=t.runs,
-                         tokens_per_s=s.batch * s.seq / t.median))
+        rows.append(
+            dict(
+                name=name,
+                params=n_params(model),
+                ms=t.median * 1e3,
+                iqr_ms=t.iqr * 1e3,
+                runs=t.runs,
+                tokens_per_s=s.batch * s.seq / t.median,
+            )
+        )
     for r in rows:
         r["vs_plain"] = r["tokens_per_s"] / rows[1]["tokens_per_s"]
     return rows
@@ -175,9 +212,9 @@ def bench_decoding(s: Sizes, device, gen, run_time: float) -> list[dict]:
         last = prompt[:, -1:]
         # A prefilled state continues exactly like a generation from the whole prompt.
         resumed = memgpt.generate(last, s.new_tokens, states["m"]).sequences[:, 1:]
-        torch.testing.assert_close(resumed, memgpt.generate(prompt, s.new_tokens).sequences[:, s.prompt:])
+        torch.testing.assert_close(resumed, memgpt.generate(prompt, s.new_tokens).sequences[:, s.prompt :])
         resumed = plain.generate(last, s.new_tokens, caches)[0][:, 1:]
-        torch.testing.assert_close(resumed, plain.generate(prompt, s.new_tokens)[0][:, s.prompt:])
+        torch.testing.assert_close(resumed, plain.generate(prompt, s.new_tokens)[0][:, s.prompt :])
         runs = [
             (f"MemGPTModel, m={s.capacity}", lambda: memgpt.generate(last, s.new_tokens, states["m"])),
             ("same weights, m=1", lambda: tiny.generate(last, s.new_tokens, states["t"])),
@@ -189,8 +226,16 @@ def bench_decoding(s: Sizes, device, gen, run_time: float) -> list[dict]:
             print(f"  batch {b}: {t}", flush=True)
             tps = b * s.new_tokens / t.median
             base = base or tps
-            rows.append(dict(name=name, batch=b, ms_per_token=t.median * 1e3 / s.new_tokens, tokens_per_s=tps,
-                             memgpt_vs_this=base / tps, runs=t.runs))
+            rows.append(
+                dict(
+                    name=name,
+                    batch=b,
+                    ms_per_token=t.median * 1e3 / s.new_tokens,
+                    tokens_per_s=tps,
+                    memgpt_vs_this=base / tps,
+                    runs=t.runs,
+                )
+            )
     return rows
 
 
@@ -198,10 +243,14 @@ def bench_decoding(s: Sizes, device, gen, run_time: float) -> list[dict]:
 def _full_state(b, h, m, d, device, gen) -> MemoryState:
     s = MemoryState.empty(b, h, m, d, d, device=device)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
-    return s.replace(keys=rand(b, h, m, d), values=rand(b, h, m, d), valid=torch.ones_like(s.valid),
-                     strength=(torch.rand(b, h, m, generator=gen) * 0.9 + 0.1).to(device, s.strength.dtype),
-                     step=torch.arange(m, device=device).expand(b, h, m).contiguous(),
-                     count=torch.full((b,), m, device=device))
+    return s.replace(
+        keys=rand(b, h, m, d),
+        values=rand(b, h, m, d),
+        valid=torch.ones_like(s.valid),
+        strength=(torch.rand(b, h, m, generator=gen) * 0.9 + 0.1).to(device, s.strength.dtype),
+        step=torch.arange(m, device=device).expand(b, h, m).contiguous(),
+        count=torch.full((b,), m, device=device),
+    )
 
 
 def _compiled(make, args, device):
@@ -249,8 +298,9 @@ def bench_compile(quick: bool, device, gen, run_time: float) -> list[dict]:
         row = dict(name=name, eager_ms=t_eager * 1e3, compiled_ms=None, speedup=None, compile_s=compile_s, mode=mode)
         if compiled is not None:
             torch.testing.assert_close(compiled(*args), eager_out, rtol=1e-4, atol=1e-4)
-            t_comp = measure_steps(lambda: compiled(*args), "compiled", min_run_time=run_time, min_runs=3,
-                                   device=device).median
+            t_comp = measure_steps(
+                lambda: compiled(*args), "compiled", min_run_time=run_time, min_runs=3, device=device
+            ).median
             row.update(compiled_ms=t_comp * 1e3, speedup=t_eager / t_comp)
         print(f"  {name}: {row}", flush=True)
         rows.append(row)
@@ -281,23 +331,40 @@ def block_case(device, gen):
 
 
 TRAIN_COLUMNS = [
-    ("name", "model", "s"), ("params", "params", ",d"), ("ms", "ms/step", ".1f"), ("iqr_ms", "IQR", ".1f"),
-    ("runs", "runs", "d"), ("tokens_per_s", "tokens/s", ",.0f"), ("vs_plain", "÷ plain", ".2f"),
+    ("name", "model", "s"),
+    ("params", "params", ",d"),
+    ("ms", "ms/step", ".1f"),
+    ("iqr_ms", "IQR", ".1f"),
+    ("runs", "runs", "d"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+    ("vs_plain", "÷ plain", ".2f"),
 ]
 DECODE_COLUMNS = [
-    ("name", "decoder", "s"), ("batch", "batch", "d"), ("ms_per_token", "ms/token", ".2f"),
-    ("tokens_per_s", "tokens/s", ",.0f"), ("memgpt_vs_this", "MemGPT tok/s ÷ this", ".2f"), ("runs", "runs", "d"),
+    ("name", "decoder", "s"),
+    ("batch", "batch", "d"),
+    ("ms_per_token", "ms/token", ".2f"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+    ("memgpt_vs_this", "MemGPT tok/s ÷ this", ".2f"),
+    ("runs", "runs", "d"),
 ]
 COMPILE_COLUMNS = [
-    ("name", "what", "s"), ("eager_ms", "eager ms", ".2f"), ("compiled_ms", "compiled ms", ".2f"),
-    ("speedup", "speed-up", ".2f"), ("compile_s", "compile s", ".1f"), ("mode", "mode", "s"),
+    ("name", "what", "s"),
+    ("eager_ms", "eager ms", ".2f"),
+    ("compiled_ms", "compiled ms", ".2f"),
+    ("speedup", "speed-up", ".2f"),
+    ("compile_s", "compile s", ".1f"),
+    ("mode", "mode", "s"),
 ]
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--only", choices=["train", "decode", "compile"], action="append",
-                   help="run only these sections (repeatable; default all)")
+    p.add_argument(
+        "--only",
+        choices=["train", "decode", "compile"],
+        action="append",
+        help="run only these sections (repeatable; default all)",
+    )
     args = p.parse_args()
     device = setup_run(args)
     sections = args.only or ["train", "decode", "compile"]
@@ -309,8 +376,10 @@ def main() -> None:
     out = {"sizes": asdict(s)}
     if "train" in sections:
         out["training"] = rows = bench_training(s, device, gen, run_time)
-        print(f"\nTraining, {s.batch} x {s.seq} tokens per step "
-              f"(MemGPT: segments of {s.segment_len}, memory {s.capacity}/row)")
+        print(
+            f"\nTraining, {s.batch} x {s.seq} tokens per step "
+            f"(MemGPT: segments of {s.segment_len}, memory {s.capacity}/row)"
+        )
         print_table(rows, TRAIN_COLUMNS)
     if "decode" in sections:
         out["decoding"] = rows = bench_decoding(s, device, gen, run_time)

@@ -34,9 +34,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from _report import resolve_device
 from harness import machine_line, measure
+
 from memgpt.memory import MemoryState, read, reference, start_log, write
 
 
@@ -71,7 +71,9 @@ def check_correct(gen: torch.Generator, device: torch.device) -> None:
     # The training read (folded bias, flash kernel) has the reference's gradients.
     grads = []
     for fn in (read, reference.read):
-        leaves = [q.clone().requires_grad_()] + [getattr(state, f).clone().requires_grad_() for f in ("keys", "values", "strength")]
+        leaves = [q.clone().requires_grad_()] + [
+            getattr(state, f).clone().requires_grad_() for f in ("keys", "values", "strength")
+        ]
         out = fn(leaves[0], state.replace(keys=leaves[1], values=leaves[2], strength=leaves[3]))
         grads.append(torch.autograd.grad(out.square().sum(), leaves))
     for got, want in zip(*grads):
@@ -107,7 +109,9 @@ def math_path_read(q, state, scale):
 
 def training_read(fn, q, state):
     """Forward + backward of ``fn(q, state)`` w.r.t. q, keys, values and strength."""
-    leaves = [q.clone().requires_grad_()] + [getattr(state, f).clone().requires_grad_() for f in ("keys", "values", "strength")]
+    leaves = [q.clone().requires_grad_()] + [
+        getattr(state, f).clone().requires_grad_() for f in ("keys", "values", "strength")
+    ]
     leaf_state = state.replace(keys=leaves[1], values=leaves[2], strength=leaves[3])
     grad_out = torch.randn(q.shape[:3] + (state.value_dim,), device=q.device)
 
@@ -248,23 +252,38 @@ def main() -> None:
         src = torch.randn(2 * B * H * n * d, device=device)
         dst = torch.empty_like(src)
         t_copy = measure(lambda: dst.copy_(src), "copy", min_run_time=run_time).median
-        t_train_read = measure(training_read(lambda q_, s_: read(q_, s_), q, state), "read fwd+bwd",
-                               min_run_time=run_time).median
+        t_train_read = measure(
+            training_read(lambda q_, s_: read(q_, s_), q, state), "read fwd+bwd", min_run_time=run_time
+        ).median
         t_math = None
         if m <= 16384:
-            t_math = measure(training_read(lambda q_, s_: math_path_read(q_, s_, d**-0.5), q, state),
-                             "math-path read fwd+bwd", min_run_time=run_time).median
+            t_math = measure(
+                training_read(lambda q_, s_: math_path_read(q_, s_, d**-0.5), q, state),
+                "math-path read fwd+bwd",
+                min_run_time=run_time,
+            ).median
         training_reads.append((m, t_train_read, t_math))
-        grads = tuple(t.to(device) for t in (
-            torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m, d, generator=gen), torch.randn(B, H, m, generator=gen)
-        ))
-        training.append((
-            m,
-            t_copy,
-            measure(autograd_writer(state, keys, values, g, grads), "autograd write", min_run_time=run_time).median,
-            measure(logged_writer(state, keys, values, g, grads, backward=False), "logged", min_run_time=run_time).median,
-            measure(logged_writer(state, keys, values, g, grads, backward=True), "logged+bwd", min_run_time=run_time).median,
-        ))
+        grads = tuple(
+            t.to(device)
+            for t in (
+                torch.randn(B, H, m, d, generator=gen),
+                torch.randn(B, H, m, d, generator=gen),
+                torch.randn(B, H, m, generator=gen),
+            )
+        )
+        training.append(
+            (
+                m,
+                t_copy,
+                measure(autograd_writer(state, keys, values, g, grads), "autograd write", min_run_time=run_time).median,
+                measure(
+                    logged_writer(state, keys, values, g, grads, backward=False), "logged", min_run_time=run_time
+                ).median,
+                measure(
+                    logged_writer(state, keys, values, g, grads, backward=True), "logged+bwd", min_run_time=run_time
+                ).median,
+            )
+        )
         del grads
         write_base = write_base or t_write
         inplace_base = inplace_base or t_inplace
@@ -276,7 +295,7 @@ def main() -> None:
             f"{t_inplace / t_copy:>6.2f} {t_inplace / inplace_base:>6.2f}",
             flush=True,
         )
-        del state, kt, s_out
+        state = kt = s_out = None  # free this capacity's store before the next one allocates
     print("\nthe full read under autograd (training), forward + backward")
     header = f"{'m':>6} | {'read ms':>9} | {'math-path ms':>12} | {'math ÷ read':>11}"
     print(header)

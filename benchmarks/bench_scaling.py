@@ -26,10 +26,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-
 from _report import resolve_device
 from bench_ops import check_correct, full_state, in_place_writer
 from harness import machine_line, measure
+
 from memgpt.layers import MemoryLayer
 from memgpt.memory import MemoryState, read, start_log, write
 
@@ -61,7 +61,9 @@ def time_ops(
         "read": measure(lambda: read(q, state), "read", min_run_time=run_time).median,
         "top_k": measure(lambda: read(q, state, top_k=TOP_K), "top-k", min_run_time=run_time).median,
         "write": measure(lambda: write(state, keys, values, g), "write", min_run_time=run_time).median,
-        "write_in_place": measure(in_place_writer(state, keys, values, g), "write in place", min_run_time=run_time).median,
+        "write_in_place": measure(
+            in_place_writer(state, keys, values, g), "write in place", min_run_time=run_time
+        ).median,
     }
     if layer is not None:
         x = torch.randn(B, N, layer.dim, generator=gen).to(device).requires_grad_()
@@ -105,7 +107,12 @@ def plot(results: dict, path: Path) -> None:
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
     batches = [r["B"] for r in results["batch"]]
-    for key, label in [("read", "full read"), ("top_k", "top-k read"), ("write", "write, out of place"), ("write_in_place", "write, in place")]:
+    for key, label in [
+        ("read", "full read"),
+        ("top_k", "top-k read"),
+        ("write", "write, out of place"),
+        ("write_in_place", "write, in place"),
+    ]:
         ax2.loglog(batches, [r[key] * 1e3 / r["B"] for r in results["batch"]], marker="o", label=label)
     ax2.set(xlabel="batch B", ylabel="ms per row (median)", title=f"m={results['batch'][0]['m']:,}")
     ax2.set_xticks(batches, [str(b) for b in batches])
@@ -145,7 +152,9 @@ def main() -> None:
         actual, minimum = bytes_per_slot(full_state(1, H, 4, D, gen))
         results["capacity"].append({"m": m, **t})
         lay = (
-            f"{t['layer_fwd_bwd'] * 1e3:>9.2f} {t['layer_logged'] * 1e3:>9.2f}" if "layer_fwd_bwd" in t else f"{'-':>9} {'-':>9}"
+            f"{t['layer_fwd_bwd'] * 1e3:>9.2f} {t['layer_logged'] * 1e3:>9.2f}"
+            if "layer_fwd_bwd" in t
+            else f"{'-':>9} {'-':>9}"
         )
         print(
             f"{m:>9,} | {t['read'] * 1e3:>9.2f} {t['top_k'] * 1e3:>9.2f} {t['write'] * 1e3:>9.2f} "

@@ -25,16 +25,21 @@ import time
 from contextlib import contextmanager
 
 import torch
-
 from _report import measure_steps, parser, print_table, setup_run, write_json
 from harness import machine_line
+
 from memgpt import BlockState, MemGPTBlock, MemoryLayer
 
-
 COLUMNS = [
-    ("workload", "workload", "s"), ("condition", "condition", "s"), ("threads", "threads", "d"),
-    ("ms", "median ms", ".2f"), ("iqr_ms", "IQR", ".2f"), ("runs", "runs", "d"), ("vs_1_thread", "÷ 1 thread", ".2f"),
-    ("vs_quiet", "÷ quiet", ".2f"), ("load", "load avg", ".2f"),
+    ("workload", "workload", "s"),
+    ("condition", "condition", "s"),
+    ("threads", "threads", "d"),
+    ("ms", "median ms", ".2f"),
+    ("iqr_ms", "IQR", ".2f"),
+    ("runs", "runs", "d"),
+    ("vs_1_thread", "÷ 1 thread", ".2f"),
+    ("vs_quiet", "÷ quiet", ".2f"),
+    ("load", "load avg", ".2f"),
 ]
 
 
@@ -45,13 +50,15 @@ def workloads(quick: bool, device, gen) -> list[tuple[str, callable]]:
     layer = MemoryLayer(dim, heads=heads, capacity=m)
     block = MemGPTBlock(dim, heads, layer).to(device)
     s = layer.empty_state(batch, device=device)
-    state = BlockState(s.replace(
-        keys=torch.randn(s.keys.shape, generator=gen).to(device),
-        values=torch.randn(s.values.shape, generator=gen).to(device),
-        valid=torch.ones_like(s.valid),
-        strength=torch.full_like(s.strength, 0.5),
-        count=torch.full_like(s.count, m),
-    ))
+    state = BlockState(
+        s.replace(
+            keys=torch.randn(s.keys.shape, generator=gen).to(device),
+            values=torch.randn(s.values.shape, generator=gen).to(device),
+            valid=torch.ones_like(s.valid),
+            strength=torch.full_like(s.strength, 0.5),
+            count=torch.full_like(s.count, m),
+        )
+    )
     x = torch.randn(batch, n, dim, generator=gen).to(device).requires_grad_()
     params = [x, *block.parameters()]
 
@@ -59,8 +66,10 @@ def workloads(quick: bool, device, gen) -> list[tuple[str, callable]]:
         y, _ = block(x, state)
         return (y, *torch.autograd.grad(y.square().mean(), params, allow_unused=True)[:1])
 
-    return [(f"matmul {size}x{size}", lambda: (a @ b,)),
-            (f"MemGPTBlock fwd+bwd (d={dim}, n={n}, b={batch}, m={m})", block_step)]
+    return [
+        (f"matmul {size}x{size}", lambda: (a @ b,)),
+        (f"MemGPTBlock fwd+bwd (d={dim}, n={n}, b={batch}, m={m})", block_step),
+    ]
 
 
 @contextmanager
@@ -111,12 +120,21 @@ def main() -> None:
                 for name, fn in works:
                     for t in counts:
                         torch.set_num_threads(t)
-                        timing = measure_steps(fn, f"{name}, {t} threads", min_run_time=run_time, min_runs=3,
-                                               device=device)
+                        timing = measure_steps(
+                            fn, f"{name}, {t} threads", min_run_time=run_time, min_runs=3, device=device
+                        )
                         print(f"  {condition}: {timing}", flush=True)
-                        rows.append(dict(workload=name, condition=what or condition, threads=t,
-                                         ms=timing.median * 1e3, iqr_ms=timing.iqr * 1e3, runs=timing.runs,
-                                         load=os.getloadavg()[0]))
+                        rows.append(
+                            dict(
+                                workload=name,
+                                condition=what or condition,
+                                threads=t,
+                                ms=timing.median * 1e3,
+                                iqr_ms=timing.iqr * 1e3,
+                                runs=timing.runs,
+                                load=os.getloadavg()[0],
+                            )
+                        )
     finally:
         torch.set_num_threads(original)
     one = {(r["workload"], r["condition"]): r["ms"] for r in rows if r["threads"] == 1}

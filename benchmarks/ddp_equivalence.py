@@ -14,7 +14,6 @@ relative) and the largest parameter difference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -71,8 +70,10 @@ def main() -> None:
         )
         batch, version = TRAIN["batch_size"], torch.__version__
         print(f"2 ranks (gloo, CPU) vs 1 process, global batch {batch}, {steps} steps, torch {version}")
-        print("| run | ranks' parameters bit-identical every step | max abs loss diff | max rel loss diff "
-              "| max abs param diff |")
+        print(
+            "| run | ranks' parameters bit-identical every step | max abs loss diff | max rel loss diff "
+            "| max abs param diff |"
+        )
         print("| --- | --- | ---: | ---: | ---: |")
         for i, (name, (kind, bptt)) in enumerate(RUNS.items()):
             ranks = [torch.load(Path(out) / f"run{i}.rank{r}.pt") for r in (0, 1)]

@@ -38,7 +38,7 @@ def build(strong: int, weak: int, g_weak: float, dim: int, batch: int, gen: torc
     )
     perm = torch.randperm(m, generator=gen)  # interleave strong and weak writes in time
     state = write(state, keys[:, :, perm], values[:, :, perm], g[:, :, perm])
-    is_strong = (state.strength >= 0.8)  # (b 1 m)
+    is_strong = state.strength >= 0.8  # (b 1 m)
     return state, keys[:, :, :strong], is_strong
 
 

@@ -68,7 +68,9 @@ def main() -> None:
     vocab = demo.task(1, 1).vocab_size
     steps, half = demo.train.steps, demo.train.steps // 2
     print(f"{steps} steps, batch {demo.train.batch_size}, seed {args.seed}; held-out accuracy, 4 pairs, chance 0.062")
-    print(f"{'variant':<16} {f'd=2 @{half}':>9} {f'd=8 @{half}':>9} {f'd=2 @{steps}':>9} {f'd=8 @{steps}':>9} {'seconds':>8}")
+    print(
+        f"{'variant':<16} {f'd=2 @{half}':>9} {f'd=8 @{half}':>9} {f'd=2 @{steps}':>9} {f'd=8 @{steps}':>9} {'seconds':>8}"
+    )
 
     def accuracy(model) -> list[float]:
         return [

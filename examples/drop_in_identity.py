@@ -27,7 +27,7 @@ try:
 
     from memgpt.integrations.hf import MemoryModel
 except ImportError as e:
-    raise SystemExit(f"this script needs the Hugging Face extra: pip install 'memgpt-layers[hf]' ({e})")
+    raise SystemExit(f"this script needs the Hugging Face extra: pip install 'memgpt-layers[hf]' ({e})") from e
 
 SENTENCES = [
     [
@@ -47,8 +47,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def gpt2_figures(capacity: int, heads: int) -> None:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=1000, n_positions=128, n_embd=256, n_layer=12, n_head=8,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=1000, n_positions=128, n_embd=256, n_layer=12, n_head=8, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     calls = [torch.randint(0, 1000, (4, 64)) for _ in range(2)]
     base = [model(ids, output_hidden_states=True) for ids in calls]
@@ -61,8 +62,10 @@ def gpt2_figures(capacity: int, heads: int) -> None:
             out = mm(ids, memory_state=state, output_hidden_states=True)
             state = out.memory_state
             name = "every layer" if len(after) > 1 else f"layer {after[0]}"
-            print(f"  {name:<16} {c:>4} {rel(out.logits, ref.logits):>10.2e} "
-                  f"{rel(out.hidden_states[-1], ref.hidden_states[-1]):>12.2e}")
+            print(
+                f"  {name:<16} {c:>4} {rel(out.logits, ref.logits):>10.2e} "
+                f"{rel(out.hidden_states[-1], ref.hidden_states[-1]):>12.2e}"
+            )
         mm.remove()
 
 
@@ -92,8 +95,10 @@ def minilm_figures(capacity: int, heads: int) -> None:
             state = out.memory_state
             cos = (e * ref).sum(-1)
             name = "every layer" if len(after) > 1 else f"layer {after[0]}"
-            print(f"  {name:<16} {c:>4} {cos.min().item():>11.7f} {(1 - cos).max().item():>15.2e} "
-                  f"{rel(out.last_hidden_state, ref_out.last_hidden_state):>12.2e}")
+            print(
+                f"  {name:<16} {c:>4} {cos.min().item():>11.7f} {(1 - cos).max().item():>15.2e} "
+                f"{rel(out.last_hidden_state, ref_out.last_hidden_state):>12.2e}"
+            )
         mm.remove()
 
 

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from memgpt import MemGPTConfig, MemGPTModel
-from memgpt.training.distributed import init_from_env, shutdown
 from memgpt.tasks import RecallTask
+from memgpt.training.distributed import init_from_env, shutdown
 from memgpt.training.trainer import TaskLoss
 
 torch.set_num_threads(1)
@@ -51,10 +51,14 @@ for step in range(3):
     reference.backward()
     single_opt.step()
     if world.is_main:
-        print(f"step {step}: loss {float(total) / 2:.7f}, one process {float(reference.detach()):.7f}, "
-              f"|diff| {abs(float(total) / 2 - float(reference.detach())):.1e}")
+        print(
+            f"step {step}: loss {float(total) / 2:.7f}, one process {float(reference.detach()):.7f}, "
+            f"|diff| {abs(float(total) / 2 - float(reference.detach())):.1e}"
+        )
 full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # gathers every shard
 diff = max(float((full[k] - v).abs().max()) for k, v in single.state_dict().items())
-print(f"rank {world.rank}: max |parameter - one process| after 3 steps {diff:.1e}; memory keys of its own rows "
-      f"sum to {float(state.layers[0].memory.keys.sum()):.4f}")
+print(
+    f"rank {world.rank}: max |parameter - one process| after 3 steps {diff:.1e}; memory keys of its own rows "
+    f"sum to {float(state.layers[0].memory.keys.sum()):.4f}"
+)
 shutdown()

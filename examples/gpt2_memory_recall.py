@@ -40,7 +40,7 @@ try:
 
     from memgpt.integrations.hf import MemoryModel
 except ImportError as e:  # the example needs the hf extra
-    raise SystemExit(f"this example needs the Hugging Face extra: pip install 'memgpt-layers[hf]' ({e})")
+    raise SystemExit(f"this example needs the Hugging Face extra: pip install 'memgpt-layers[hf]' ({e})") from e
 
 
 def run(model, batch, *, memory: bool, clear_before_query: bool = False) -> torch.Tensor:
@@ -136,8 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     task = RecallTask(num_pairs=args.pairs, distance=args.distance)
     torch.manual_seed(args.seed)
     config = transformers.GPT2Config(
-        vocab_size=task.vocab_size, n_positions=task.segment_len, n_embd=args.dim, n_layer=args.layers,
-        n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=task.vocab_size,
+        n_positions=task.segment_len,
+        n_embd=args.dim,
+        n_layer=args.layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     plain = transformers.GPT2LMHeadModel(config)
     after = args.after or list(range(args.layers))
@@ -145,8 +153,10 @@ def main(argv: list[str] | None = None) -> None:
 
     drop_in = MemoryModel(copy.deepcopy(plain), **memory)  # the default, near-identity gate
     first, later = insertion_change(plain, drop_in, task, args)
-    print(f"insertion with the default gate (before training): logits change by {first:.2e} (first segment, "
-          f"empty memory) and {later:.2e} (later segments, memory holding the earlier ones), relative norm")
+    print(
+        f"insertion with the default gate (before training): logits change by {first:.2e} (first segment, "
+        f"empty memory) and {later:.2e} (later segments, memory holding the earlier ones), relative norm"
+    )
 
     with_memory = MemoryModel(copy.deepcopy(plain), fusion_bias_init=args.fusion_bias, **memory)
     t_plain = train(plain, task, args, memory=False, label="GPT-2")
@@ -154,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     acc_plain = evaluate(plain, task, args, memory=False)
     acc_mem = evaluate(with_memory, task, args, memory=True)
     acc_ablation = evaluate(with_memory, task, args, memory=True, clear_before_query=True)
-    print(f"held-out accuracy at the queries ({args.pairs} pair(s), distance {args.distance}, {args.steps} steps, "
-          f"fusion bias {args.fusion_bias:g}, chance {task.chance:.4f}):")
+    print(
+        f"held-out accuracy at the queries ({args.pairs} pair(s), distance {args.distance}, {args.steps} steps, "
+        f"fusion bias {args.fusion_bias:g}, chance {task.chance:.4f}):"
+    )
     print(f"  GPT-2 alone                          {acc_plain:.3f}   (training {t_plain:.0f} s)")
     print(f"  GPT-2 + memory                       {acc_mem:.3f}   (training {t_mem:.0f} s)")
     print(f"  GPT-2 + memory, emptied at queries   {acc_ablation:.3f}")

@@ -102,9 +102,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def package_sources() -> dict[str, tuple[str, bool]]:
-    return {
-        module_name(p, PACKAGE): (p.read_text(), p.name == "__init__.py") for p in sorted(PACKAGE.rglob("*.py"))
-    }
+    return {module_name(p, PACKAGE): (p.read_text(), p.name == "__init__.py") for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def test_every_import_points_downward():

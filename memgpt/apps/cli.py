@@ -68,7 +68,11 @@ def _text(args: argparse.Namespace) -> int:
         return 0
     print(format_table(results))
     written = results["written"]
-    note = "" if any(w.endswith(".png") for w in written) else " (no plot: pip install 'memgpt-layers[plot]' for matplotlib)"
+    note = (
+        ""
+        if any(w.endswith(".png") for w in written)
+        else " (no plot: pip install 'memgpt-layers[plot]' for matplotlib)"
+    )
     print(f"\nwrote {', '.join(written)}{note}")
     return 0
 
@@ -98,8 +102,14 @@ def _train_on(args: argparse.Namespace, device: str, is_main: bool) -> int:
 
         demo = DemoConfig(dim=args.dim, depth=args.depth, segment_len=args.segment_len)
         cfg = TrainConfig(
-            steps=args.steps or 800, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
-            autocast_bf16=args.bf16, distances=tuple(args.distances), checkpoint_every=args.checkpoint_every,
+            steps=args.steps or 800,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=device,
+            autocast_bf16=args.bf16,
+            distances=tuple(args.distances),
+            checkpoint_every=args.checkpoint_every,
         )
         demo.train = cfg
         task_kwargs = {"segment_len": args.segment_len}
@@ -125,7 +135,11 @@ def _eval(args: argparse.Namespace) -> int:
                 trainer.model, "memory", task, batches=4, batch_size=128, seed=args.seed, ablate=True
             )
         results[d] = row
-    print(json.dumps({"checkpoint": str(args.checkpoint), "step": trainer.step, "accuracy_by_distance": results}, indent=2))
+    print(
+        json.dumps(
+            {"checkpoint": str(args.checkpoint), "step": trainer.step, "accuracy_by_distance": results}, indent=2
+        )
+    )
     return 0
 
 
@@ -138,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for this run (0: leave as is)")
 
-    d = sub.add_parser("demo", help="memory vs baseline vs oracle on segmented recall (about 10 minutes on 2 CPU cores)")
+    d = sub.add_parser(
+        "demo", help="memory vs baseline vs oracle on segmented recall (about 10 minutes on 2 CPU cores)"
+    )
     common(d)
     d.add_argument("--out", default="out/demo", help="folder for results.json and recall.png")
     d.add_argument("--steps", type=int, default=None, help="training steps per model (default 800)")
@@ -153,17 +169,35 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval-split", choices=("test", "validation"), default="test")
     x.add_argument("--eval-max-chars", type=int, default=0, help="characters per file, from its start (0: all)")
     x.add_argument("--fusion-bias", type=float, default=0.0, help="fusion gate bias at initialisation (both models)")
-    x.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="cosine-similarity memory reads with a learned scale (both models; default: TextConfig's)")
-    x.add_argument("--shift-keys", action=argparse.BooleanOptionalAction, default=None,
-                   help="key the memory slot of character t by character t-1 (induction-shaped writes)")
+    x.add_argument(
+        "--qk-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cosine-similarity memory reads with a learned scale (both models; default: TextConfig's)",
+    )
+    x.add_argument(
+        "--shift-keys",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="key the memory slot of character t by character t-1 (induction-shaped writes)",
+    )
     x.add_argument("--top-k", type=int, default=None, help="read only the k best memory slots (0: all)")
-    x.add_argument("--repeat-prob", type=float, default=None,
-                   help="fraction of training windows with one chunk repeated >= 1 segment later (both models)")
-    x.add_argument("--only", choices=("memory", "baseline"), default=None,
-                   help="train this model only and stop (train the two at once, then evaluate with --reuse)")
+    x.add_argument(
+        "--repeat-prob",
+        type=float,
+        default=None,
+        help="fraction of training windows with one chunk repeated >= 1 segment later (both models)",
+    )
+    x.add_argument(
+        "--only",
+        choices=("memory", "baseline"),
+        default=None,
+        help="train this model only and stop (train the two at once, then evaluate with --reuse)",
+    )
     x.add_argument("--reuse", action="store_true", help="evaluate OUT/text-*.pt when present instead of training")
-    x.add_argument("--quick", action="store_true", help="a tiny model, a few steps: checks the pipeline, not the result")
+    x.add_argument(
+        "--quick", action="store_true", help="a tiny model, a few steps: checks the pipeline, not the result"
+    )
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.set_defaults(func=_text)
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .report import jsonable, pyplot
 from ..models.config import MemGPTConfig
 from ..models.model import MemGPTModel
 from ..tasks import RecallTask
 from ..training.trainer import TrainConfig, Trainer, evaluate, resolve_device
+from .report import jsonable, pyplot
 
 __all__ = ["DemoConfig", "run_demo", "build_model"]
 
@@ -97,8 +97,13 @@ def run_demo(demo: DemoConfig, out_dir: str | Path, *, progress: bool = True) ->
 
     def acc(kind: str, task: RecallTask, ablate: bool = False) -> float:
         return evaluate(
-            models[kind], kind, task, batches=demo.eval_batches, batch_size=demo.eval_batch_size,
-            seed=demo.eval_seed, ablate=ablate,
+            models[kind],
+            kind,
+            task,
+            batches=demo.eval_batches,
+            batch_size=demo.eval_batch_size,
+            seed=demo.eval_seed,
+            ablate=ablate,
         )
 
     pairs_default = max(demo.train.num_pairs)
@@ -142,8 +147,12 @@ def format_table(results: dict) -> str:
         f"Held-out accuracy on segmented recall ({results['eval_pairs_for_distance_table']} pairs; chance {chance:.3f})",
         f"{'distance (segments)':<22}" + "".join(f"{d:>8}" for d in distances),
     ]
-    for name, label in (("memory", "memory"), ("baseline", "baseline"), ("oracle", "oracle (full attn)"),
-                        ("ablation", "memory, cleared")):
+    for name, label in (
+        ("memory", "memory"),
+        ("baseline", "baseline"),
+        ("oracle", "oracle (full attn)"),
+        ("ablation", "memory, cleared"),
+    ):
         lines.append(f"{label:<22}" + "".join(f"{rows[name][d]:>8.3f}" for d in distances))
     pairs = results["accuracy_by_pairs"]
     counts = list(next(iter(pairs.values())))
@@ -182,4 +191,3 @@ def save_plot(results: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .report import jsonable, pyplot
 from ..models.config import MemGPTConfig
 from ..models.model import MemGPTModel
 from ..tasks.base import IGNORE_INDEX
 from ..tasks.stdlib_text import CharVocab, StdlibCorpus
 from ..tasks.text_windows import copy_probe, far_copyable_mask
 from ..training.trainer import TrainConfig, Trainer, resolve_device, run_model
+from .report import jsonable, pyplot
 
 __all__ = ["TextConfig", "build_text_model", "stream_bits", "probe_bits", "evaluate_text", "run_text"]
 
@@ -93,9 +93,16 @@ def build_text_model(cfg: TextConfig) -> MemGPTModel:
     """The memory and the baseline model are the same network; only how it is run differs."""
     return MemGPTModel(
         MemGPTConfig(
-            vocab_size=CharVocab.size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, segment_len=cfg.segment_len,
-            memory_capacity=cfg.memory_capacity, memory_heads=cfg.memory_heads,
-            fusion_bias_init=cfg.fusion_bias_init, qk_norm=cfg.qk_norm, top_k=cfg.top_k,
+            vocab_size=CharVocab.size,
+            dim=cfg.dim,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            segment_len=cfg.segment_len,
+            memory_capacity=cfg.memory_capacity,
+            memory_heads=cfg.memory_heads,
+            fusion_bias_init=cfg.fusion_bias_init,
+            qk_norm=cfg.qk_norm,
+            top_k=cfg.top_k,
             shift_keys=cfg.shift_keys,
         )
     )
@@ -103,7 +110,9 @@ def build_text_model(cfg: TextConfig) -> MemGPTModel:
 
 def _bits(logits: Tensor, targets: Tensor) -> Tensor:
     """logits (... V), targets (...) -> bits (...) = -log2 p(target)."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape) / math.log(2)
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(
+        targets.shape
+    ) / math.log(2)
 
 
 @torch.no_grad()
@@ -121,7 +130,7 @@ def stream_bits(
         segs, owners = [], []
         for i, ids in enumerate(files):
             for s in range(0, len(ids) - 1, T):
-                segs.append((ids[s : s + T + 1].long()))
+                segs.append(ids[s : s + T + 1].long())
                 owners.append(i)
         pieces: list[list[Tensor]] = [[] for _ in files]
         for b0 in range(0, len(segs), 16 * batch_size):
@@ -169,7 +178,11 @@ def probe_bits(model: MemGPTModel, kind: str, files: list[Tensor], cfg: TextConf
     model.eval()
     device = next(model.parameters()).device
     batch = copy_probe(
-        files, cfg.probe_count, chunk_len=cfg.probe_chunk, filler_len=cfg.probe_filler, segment_len=cfg.segment_len,
+        files,
+        cfg.probe_count,
+        chunk_len=cfg.probe_chunk,
+        filler_len=cfg.probe_filler,
+        segment_len=cfg.segment_len,
         generator=torch.Generator().manual_seed(cfg.eval_seed),
     ).to(device)
     logits, _ = run_model(model, kind, batch, ablate=ablate)
@@ -199,8 +212,13 @@ def evaluate_text(models: dict[str, MemGPTModel], cfg: TextConfig, corpus: Stdli
     far = torch.cat([far_copyable_mask(f, context=cfg.context, distance=cfg.segment_len)[1:] for f in files])
     pos = torch.cat([torch.arange(1, len(f)) for f in files])
     bins = position_bins(int(pos.max()) + 1, 16)  # doubling bins: fine near the file start
-    results: dict = {"characters": int(pos.numel()), "far_copyable_characters": int(far.sum()),
-                     "far_copyable_fraction": float(far.float().mean()), "files": names, "by_position": {}}
+    results: dict = {
+        "characters": int(pos.numel()),
+        "far_copyable_characters": int(far.sum()),
+        "far_copyable_fraction": float(far.float().mean()),
+        "files": names,
+        "by_position": {},
+    }
     results["position_bins"] = [[lo, hi] for lo, hi in bins]
     results["position_bin_characters"] = [int(((pos >= lo) & (pos < hi)).sum()) for lo, hi in bins]
     for kind, model in models.items():
@@ -208,9 +226,12 @@ def evaluate_text(models: dict[str, MemGPTModel], cfg: TextConfig, corpus: Stdli
         bits = torch.cat(
             stream_bits(model, kind, files, batch_size=cfg.eval_batch_size, chunk=cfg.segments * cfg.segment_len)
         )
-        row = {"overall": float(bits.mean()), "far_copyable": float(bits[far].mean()),
-               "not_far_copyable": float(bits[~far].mean()),
-               "copy_probe": float(probe_bits(model, kind, probe_files, cfg).mean())}
+        row = {
+            "overall": float(bits.mean()),
+            "far_copyable": float(bits[far].mean()),
+            "not_far_copyable": float(bits[~far].mean()),
+            "copy_probe": float(probe_bits(model, kind, probe_files, cfg).mean()),
+        }
         if kind == "memory":
             row["copy_probe_ablation"] = float(probe_bits(model, kind, probe_files, cfg, ablate=True).mean())
         row["eval_seconds"] = time.perf_counter() - t0
@@ -234,7 +255,10 @@ def train_text_model(cfg: TextConfig, kind: str, out: Path, *, progress: bool = 
     hist = trainer.history
     tail = hist[-max(1, len(hist) // 10) :]
     record = {
-        "kind": kind, "steps": trainer.step, "seconds": seconds, "threads": torch.get_num_threads(),
+        "kind": kind,
+        "steps": trainer.step,
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
         "train_config": jsonable(asdict(cfg.train)),
         "final_train_bpc": sum(r["loss"] for r in tail) / len(tail) / math.log(2),
         "train_bpc": {r["step"]: r["loss"] / math.log(2) for r in hist if r["step"] % cfg.train.log_every == 0},
@@ -268,12 +292,19 @@ def run_text(
         else:
             models[kind] = train_text_model(cfg, kind, out, progress=progress)
         record = out / f"train-{kind}.json"
-        training[kind] = {k: v for k, v in json.loads(record.read_text()).items() if k != "train_bpc"} if record.exists() else None
+        training[kind] = (
+            {k: v for k, v in json.loads(record.read_text()).items() if k != "train_bpc"} if record.exists() else None
+        )
     results = evaluate_text(models, cfg, corpus)
     results.update(
-        training=training, device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-        parameters=sum(p.numel() for p in models["memory"].parameters()), python=manifest["python"],
-        model_config=models["memory"].config.to_dict(), config=jsonable(asdict(cfg)),
+        training=training,
+        device=str(device),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        parameters=sum(p.numel() for p in models["memory"].parameters()),
+        python=manifest["python"],
+        model_config=models["memory"].config.to_dict(),
+        config=jsonable(asdict(cfg)),
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot = save_plot(results, out / "bpc_by_position.png")
@@ -288,18 +319,27 @@ def format_table(r: dict) -> str:
         f"{r['far_copyable_fraction']:.1%} far-copyable); copy probe: second A of [A][filler][A]",
         f"{'':<26}{'memory':>10}{'baseline':>10}{'mem - base':>12}",
     ]
-    for key, label in (("overall", "(a) overall"), ("far_copyable", "(b) far-copyable"),
-                       ("not_far_copyable", "    not far-copyable"), ("copy_probe", "(c) copy probe")):
+    for key, label in (
+        ("overall", "(a) overall"),
+        ("far_copyable", "(b) far-copyable"),
+        ("not_far_copyable", "    not far-copyable"),
+        ("copy_probe", "(c) copy probe"),
+    ):
         lines.append(f"{label:<26}{m[key]:>10.3f}{b[key]:>10.3f}{m[key] - b[key]:>+12.3f}")
     lines.append(f"{'    probe, memory cleared':<26}{m['copy_probe_ablation']:>10.3f}")
     lines.append(
         f"\ncopy probe memory / baseline = {m['copy_probe'] / b['copy_probe']:.2f}; "
         f"cleared / baseline = {m['copy_probe_ablation'] / b['copy_probe']:.2f}"
     )
-    lines.append("training: " + ", ".join(
-        f"{k} {t['steps']} steps in {t['seconds']:.0f}s ({t['threads']} threads), final train bpc {t['final_train_bpc']:.3f}"
-        if t else f"{k}: no training record" for k, t in r["training"].items()
-    ))
+    lines.append(
+        "training: "
+        + ", ".join(
+            f"{k} {t['steps']} steps in {t['seconds']:.0f}s ({t['threads']} threads), final train bpc {t['final_train_bpc']:.3f}"
+            if t
+            else f"{k}: no training record"
+            for k, t in r["training"].items()
+        )
+    )
     return "\n".join(lines)
 
 
@@ -324,4 +364,3 @@ def save_plot(r: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import contextvars
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..memory import MemoryState
@@ -43,9 +43,7 @@ def _require_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:  # name the extra, not just the module
-        raise ImportError(
-            "memgpt.integrations.hf needs the Hugging Face extra: pip install 'memgpt-layers[hf]'"
-        ) from e
+        raise ImportError("memgpt.integrations.hf needs the Hugging Face extra: pip install 'memgpt-layers[hf]'") from e
     return transformers
 
 
@@ -95,10 +93,7 @@ def find_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     candidates = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList)
-        and len(m) > 0
-        and (n is None or len(m) == n)
-        and len({type(x) for x in m}) == 1
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n) and len({type(x) for x in m}) == 1
     ]
     if len(candidates) != 1:
         found = [f"{name} ({len(m)} x {type(m[0]).__name__})" for name, m in candidates] or ["none"]
@@ -161,7 +156,9 @@ class MemoryModel(nn.Module):
             fusion_bias_init = drop_in_bias(len(self.after))
         memories = {}
         for i in self.after:
-            layer = drop_in_memory(dim, capacity=capacity, heads=heads, fusion_bias_init=fusion_bias_init, **memory_kwargs)
+            layer = drop_in_memory(
+                dim, capacity=capacity, heads=heads, fusion_bias_init=fusion_bias_init, **memory_kwargs
+            )
             p = next(layers[i].parameters(), None)  # sit beside the layer (dtype, device map)
             memories[str(i)] = ResidualMemory(layer if p is None else layer.to(device=p.device, dtype=p.dtype))
         self.memories = nn.ModuleDict(memories)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -48,21 +48,21 @@ class MemoryStates:
     def __getitem__(self, i: int) -> MemoryState:
         return self.memories[i]
 
-    def _map(self, fn: Callable[[MemoryState], MemoryState]) -> "MemoryStates":
+    def _map(self, fn: Callable[[MemoryState], MemoryState]) -> MemoryStates:
         return MemoryStates(tuple(fn(m) for m in self.memories))
 
-    def detach(self) -> "MemoryStates":
+    def detach(self) -> MemoryStates:
         """Cut the autograd graph here (truncated BPTT across calls)."""
         return self._map(MemoryState.detach)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryStates":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MemoryStates:
         return self._map(lambda m: m.to(device, dtype))
 
-    def reset_rows(self, mask: Tensor) -> "MemoryStates":
+    def reset_rows(self, mask: Tensor) -> MemoryStates:
         """Empty every store in the rows where ``mask`` (b,) bool is True (a new document)."""
         return self._map(lambda m: m.reset_rows(mask))
 
-    def index_select(self, index: Tensor) -> "MemoryStates":
+    def index_select(self, index: Tensor) -> MemoryStates:
         """Rows reordered/duplicated by ``index`` (b',) int64 (beam search)."""
         return self._map(lambda m: m.index_select(index))
 

@@ -117,7 +117,10 @@ class WithMemory(nn.Module):
         super().__init__()
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
-        if isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not block.self_attn.batch_first:
+        if (
+            isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+            and not block.self_attn.batch_first
+        ):
             raise ValueError(
                 f"{type(block).__name__} must be built with batch_first=True: WithMemory works on (b n d), "
                 "the layer expects (n b d)"
@@ -142,7 +145,5 @@ class WithMemory(nn.Module):
         h = self.block(x, **block_kwargs)
         if not isinstance(h, Tensor) or h.shape != x.shape:
             got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-            raise ValueError(
-                f"the wrapped block must return a tensor of the input's shape {tuple(x.shape)}, got {got}"
-            )
+            raise ValueError(f"the wrapped block must return a tensor of the input's shape {tuple(x.shape)}, got {got}")
         return self.memory(h, state, mask)

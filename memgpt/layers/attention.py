@@ -20,7 +20,7 @@ class KVCache(NamedTuple):
     keys: Tensor
     values: Tensor
 
-    def detach(self) -> "KVCache":
+    def detach(self) -> KVCache:
         return KVCache(self.keys.detach(), self.values.detach())
 
 

@@ -43,7 +43,9 @@ def _width(state: MemoryState) -> int:
 def fold_query(q: Tensor, scale: float, width: int, ct: torch.dtype) -> Tensor:
     """q (b h n dk) -> (b h n width): ``[scale*q, 1, 0...]`` in ``ct``."""
     b, h, n, dk = q.shape
-    return torch.cat([q.to(ct) * scale, q.new_ones(b, h, n, 1, dtype=ct), q.new_zeros(b, h, n, width - dk - 1, dtype=ct)], -1)
+    return torch.cat(
+        [q.to(ct) * scale, q.new_ones(b, h, n, 1, dtype=ct), q.new_zeros(b, h, n, width - dk - 1, dtype=ct)], -1
+    )
 
 
 def fold_store(state: MemoryState, bias: Tensor, width: int, ct: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -62,7 +64,9 @@ def folded_attention(q: Tensor, state: MemoryState, bias: Tensor, scale: float, 
     """q (b h n dk), bias (b h m) -> (b h n dv) in ``ct``: softmax(scale*q.k + bias) v, differentiable."""
     width = _width(state)
     keys, values = fold_store(state, bias, width, ct)
-    return F.scaled_dot_product_attention(fold_query(q, scale, width, ct), keys, values, scale=1.0)[..., : state.value_dim]
+    return F.scaled_dot_product_attention(fold_query(q, scale, width, ct), keys, values, scale=1.0)[
+        ..., : state.value_dim
+    ]
 
 
 def flash_forward(q: Tensor, state: MemoryState, bias: Tensor, scale: float, ct: torch.dtype) -> tuple[Tensor, tuple]:

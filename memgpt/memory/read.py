@@ -114,8 +114,11 @@ def _bias_needs_grad(state: MemoryState, gated_scores: bool) -> bool:
 def _needs_grad(q: Tensor, state: MemoryState, gated_scores: bool) -> bool:
     if not torch.is_grad_enabled():
         return False
-    return q.requires_grad or state.keys.requires_grad or state.values.requires_grad or (
-        gated_scores and state.strength.requires_grad
+    return (
+        q.requires_grad
+        or state.keys.requires_grad
+        or state.values.requires_grad
+        or (gated_scores and state.strength.requires_grad)
     )
 
 
@@ -133,7 +136,9 @@ class _FlashSplit:
         has_valid = _has_valid(state).to(ct)  # empty rows read zeros
         return (out * has_valid).to(q.dtype), (saved, has_valid)
 
-    def backward(self, saved: tuple, state: MemoryState, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def backward(
+        self, saved: tuple, state: MemoryState, grad_out: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Gradients w.r.t. q, keys, values and strength (None when scores are not gated)."""
         saved, has_valid = saved
         ct = has_valid.dtype
@@ -143,7 +148,9 @@ class _FlashSplit:
         if self.gated_scores:  # bias = log(max(g, tiny)) on valid slots
             g = state.strength.to(ct)
             live = state.valid & (g >= torch.finfo(torch.float32).tiny)
-            dstrength = torch.where(live, dbias / g, torch.zeros((), dtype=ct, device=g.device)).to(state.strength.dtype)
+            dstrength = torch.where(live, dbias / g, torch.zeros((), dtype=ct, device=g.device)).to(
+                state.strength.dtype
+            )
         return dq.to(state.dtype), dkeys.to(state.dtype), dvalues.to(state.dtype), dstrength
 
 
@@ -220,7 +227,10 @@ def _read_top_k(q: Tensor, state: MemoryState, scale: float, top_k: int, gated_s
         b, h, n, _ = q.shape
         rows = _flat_rows(idx, state.capacity).reshape(b * h * n, k)
         out = F.embedding_bag(
-            rows, values.reshape(-1, state.value_dim), mode="sum", per_sample_weights=top.softmax(-1).reshape(b * h * n, k)
+            rows,
+            values.reshape(-1, state.value_dim),
+            mode="sum",
+            per_sample_weights=top.softmax(-1).reshape(b * h * n, k),
         ).view(b, h, n, -1)
         return (out * _has_valid(state)).to(q.dtype)
     # Recompute the selected scores with autograd: gradients reach q, the chosen keys and g.

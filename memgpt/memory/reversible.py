@@ -201,9 +201,7 @@ def start_log(state: MemoryState) -> MemoryState:
 
 def _start(state: MemoryState, *, copy: bool) -> MemoryState:
     state.check_live()
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (state.keys, state.values, state.strength)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (state.keys, state.values, state.strength))
     if copy or needs_grad or not state.is_contiguous():
         with torch.no_grad():
             own = state._map(lambda t: t.detach().clone(memory_format=torch.contiguous_format))
@@ -247,8 +245,13 @@ class _LoggedRead(Function):
                 state.strength.detach().requires_grad_(),
             ]
             shadow = MemoryState(
-                keys=leaves[1], values=leaves[2], valid=state.valid, strength=leaves[3],
-                step=state.step, usage=state.usage, count=state.count,
+                keys=leaves[1],
+                values=leaves[2],
+                valid=state.valid,
+                strength=leaves[3],
+                step=state.step,
+                usage=state.usage,
+                count=state.count,
             )
             out = ctx.fn(leaves[0], shadow)
             grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
@@ -273,8 +276,17 @@ def logged_read(q: Tensor, state: MemoryState, fn: Callable[[Tensor, MemoryState
 
 class _LoggedWrite(Function):
     @staticmethod
-    def forward(ctx, log: StoreLog, token: Tensor | None, keys: Tensor, values: Tensor, g: Tensor,
-                slot: Tensor, src: Tensor, apply: Callable):
+    def forward(
+        ctx,
+        log: StoreLog,
+        token: Tensor | None,
+        keys: Tensor,
+        values: Tensor,
+        g: Tensor,
+        slot: Tensor,
+        src: Tensor,
+        apply: Callable,
+    ):
         log.record(slot)
         apply()
         log.settle()
@@ -314,7 +326,12 @@ class _LoggedWrite(Function):
 
 
 def logged_write(
-    state: MemoryState, keys: Tensor, values: Tensor, g: Tensor, slot: Tensor, src: Tensor,
+    state: MemoryState,
+    keys: Tensor,
+    values: Tensor,
+    g: Tensor,
+    slot: Tensor,
+    src: Tensor,
     apply: Callable[[MemoryState], MemoryState],
 ) -> MemoryState:
     """Write in place into a logged store (starting its log, with one copy, if it has none).

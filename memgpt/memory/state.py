@@ -91,7 +91,7 @@ class MemoryState:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "MemoryState":
+    ) -> MemoryState:
         """An empty store: no valid slot, all counters at zero."""
         for name, value in (
             ("batch_size", batch_size),
@@ -225,7 +225,7 @@ class MemoryState:
             )
 
     # ------------------------------------------------------------------ value operations
-    def replace(self, **changes: Tensor) -> "MemoryState":
+    def replace(self, **changes: Tensor) -> MemoryState:
         """A new state with some fields replaced (validated)."""
         self.check_live()
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -244,27 +244,27 @@ class MemoryState:
                 "Call detach() first, or do this under torch.no_grad()"
             )
 
-    def _map(self, fn) -> "MemoryState":
+    def _map(self, fn) -> MemoryState:
         self.check_live()
         if fn is not Tensor.detach:
             self._check_copy_keeps_grad()
         return MemoryState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
-    def detach(self) -> "MemoryState":
+    def detach(self) -> MemoryState:
         """Cut the autograd graph here (truncated BPTT)."""
         return self._map(Tensor.detach)
 
-    def clone(self) -> "MemoryState":
+    def clone(self) -> MemoryState:
         return self._map(Tensor.clone)
 
     def is_contiguous(self) -> bool:
         return all(getattr(self, f.name).is_contiguous() for f in fields(self))
 
-    def contiguous(self) -> "MemoryState":
+    def contiguous(self) -> MemoryState:
         """The same contents with every field contiguous (a copy of the fields that are not)."""
         return self._map(Tensor.contiguous)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemoryState":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MemoryState:
         """Move to ``device``; ``dtype`` converts keys and values, and metadata to ``metadata_dtype(dtype)``."""
         self.check_live()
         self._check_copy_keeps_grad()
@@ -286,7 +286,7 @@ class MemoryState:
 
         return MemoryState(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
-    def reset_rows(self, mask: Tensor) -> "MemoryState":
+    def reset_rows(self, mask: Tensor) -> MemoryState:
         """Empty the rows where ``mask`` (b,) is True (a document boundary); others untouched."""
         _require(isinstance(mask, Tensor), f"mask must be a Tensor, got {type(mask).__name__}", TypeError)
         _require(
@@ -302,7 +302,7 @@ class MemoryState:
 
         return self._map(reset)
 
-    def index_select(self, index: Tensor) -> "MemoryState":
+    def index_select(self, index: Tensor) -> MemoryState:
         """Rows reordered/duplicated by ``index`` (b',) of int64 (beam search); b' may differ from b."""
         _require(isinstance(index, Tensor), f"index must be a Tensor, got {type(index).__name__}", TypeError)
         _require(index.dim() == 1, f"index must be 1-D (b',), got shape {tuple(index.shape)}")
@@ -327,12 +327,14 @@ class MemoryState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, tensors: dict[str, Tensor]) -> "MemoryState":
+    def from_dict(cls, tensors: dict[str, Tensor]) -> MemoryState:
         """Rebuild from :meth:`to_dict`; missing or extra entries raise ValueError."""
         names = {f.name for f in fields(cls)}
         _require(isinstance(tensors, dict), f"expected a dict of tensors, got {type(tensors).__name__}", TypeError)
         missing, extra = names - set(tensors), set(tensors) - names
-        _require(not missing and not extra, f"MemoryState fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        _require(
+            not missing and not extra, f"MemoryState fields: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
         return cls(**tensors)
 
     def __repr__(self) -> str:

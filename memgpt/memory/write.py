@@ -255,7 +255,7 @@ def write(
     b, h, n, dk = keys.shape
     if n == 0:
         return state
-    m, dv = state.capacity, state.value_dim
+    m = state.capacity
     if mask is None:
         mask = torch.ones(b, n, dtype=torch.bool, device=keys.device)
     rank = mask.long().cumsum(dim=1) - 1  # (b n) position among this row's written tokens

@@ -46,7 +46,7 @@ class SegmentBuffer:
     values: Tensor
     strength: Tensor
 
-    def map(self, fn) -> "SegmentBuffer":
+    def map(self, fn) -> SegmentBuffer:
         return SegmentBuffer(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
 
@@ -57,7 +57,7 @@ class BlockState:
     memory: MemoryState
     buffer: SegmentBuffer | None = None
 
-    def map(self, fn) -> "BlockState":
+    def map(self, fn) -> BlockState:
         """Apply ``fn`` to every tensor whose first dimension is the batch."""
         mem = self.memory._map(fn)
         return BlockState(mem, None if self.buffer is None else self.buffer.map(fn))
@@ -146,9 +146,7 @@ class MemGPTBlock(nn.Module):
         )
         return BlockState(memory, buffer)
 
-    def _attention_mask(
-        self, view: SegmentView | None, present: Tensor, w: int, mask: Tensor | None
-    ) -> Tensor | None:
+    def _attention_mask(self, view: SegmentView | None, present: Tensor, w: int, mask: Tensor | None) -> Tensor | None:
         """(b w s) bool: query i may attend key j (s = w, or T + w with the buffer in front)."""
         if view is None and mask is None:
             return None  # plain causal: SDPA's is_causal fast path

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .block import BlockState, MemGPTBlock, SegmentView
-from .config import MemGPTConfig
 from ..layers import MemoryLayer
 from ..memory import start_log
+from .block import BlockState, MemGPTBlock, SegmentView
+from .config import MemGPTConfig
 from .state import MemGPTState
 
 __all__ = ["MemGPTModel", "MemGPTOutput", "GenerationOutput"]
@@ -217,7 +217,9 @@ class MemGPTModel(nn.Module):
             present = torch.ones(b, n, dtype=torch.bool, device=device)
         else:
             if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (b, n):
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+                got = (
+                    tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+                )
                 raise ValueError(f"attention_mask must be (b n) = {(b, n)}, got {got}")
             if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask must hold only 0 and 1 (1 = real token)")

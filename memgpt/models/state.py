@@ -45,7 +45,11 @@ class MemGPTState:
             )
             raise ValueError(f"MemGPTState.position must be an int64 tensor (b,), got {got}")
         b = self.position.shape[0]
-        if not isinstance(self.previous, Tensor) or tuple(self.previous.shape) != (b,) or self.previous.dtype != torch.long:
+        if (
+            not isinstance(self.previous, Tensor)
+            or tuple(self.previous.shape) != (b,)
+            or self.previous.dtype != torch.long
+        ):
             got = (
                 f"{self.previous.dtype} {tuple(self.previous.shape)}"
                 if isinstance(self.previous, Tensor)
@@ -66,14 +70,14 @@ class MemGPTState:
     def batch_size(self) -> int:
         return self.position.shape[0]
 
-    def _map(self, fn) -> "MemGPTState":
+    def _map(self, fn) -> MemGPTState:
         return MemGPTState(tuple(layer.map(fn) for layer in self.layers), fn(self.position), fn(self.previous))
 
-    def detach(self) -> "MemGPTState":
+    def detach(self) -> MemGPTState:
         """Cut the autograd graph here (truncated BPTT across calls)."""
         return self._map(Tensor.detach)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MemGPTState":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MemGPTState:
         """Move to ``device``; ``dtype`` converts the float storage (keys, values, buffers)."""
 
         meta = None if dtype is None else metadata_dtype(dtype)
@@ -87,7 +91,7 @@ class MemGPTState:
 
         return self._map(move)
 
-    def reset_rows(self, mask: Tensor) -> "MemGPTState":
+    def reset_rows(self, mask: Tensor) -> MemGPTState:
         """Forget everything of the rows where ``mask`` (b,) is True (a new document starts)."""
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size,):
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
@@ -100,7 +104,7 @@ class MemGPTState:
 
         return self._map(reset)
 
-    def clear_memory(self, mask: Tensor | None = None) -> "MemGPTState":
+    def clear_memory(self, mask: Tensor | None = None) -> MemGPTState:
         """Empty the memory stores of the rows in ``mask`` (b,) (default: all rows), keeping the
         unfinished segment, the positions and the previous token: long-term memory is forgotten,
         the current context is not."""
@@ -109,7 +113,7 @@ class MemGPTState:
         layers = tuple(BlockState(layer.memory.reset_rows(mask), layer.buffer) for layer in self.layers)
         return MemGPTState(layers, self.position, self.previous)
 
-    def index_select(self, index: Tensor) -> "MemGPTState":
+    def index_select(self, index: Tensor) -> MemGPTState:
         """Rows reordered/duplicated by ``index`` (b',) (beam search)."""
         if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.long, torch.int32):
             got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, Tensor) else type(index).__name__
@@ -131,7 +135,7 @@ class MemGPTState:
         return out
 
     @classmethod
-    def _from_flat(cls, tensors: dict[str, Tensor], depth: int) -> "MemGPTState":
+    def _from_flat(cls, tensors: dict[str, Tensor], depth: int) -> MemGPTState:
         """Inverse of :meth:`_flat` (the caller has checked the names)."""
         layers = []
         for i in range(depth):
@@ -161,7 +165,7 @@ class MemGPTState:
         model: nn.Module | MemGPTConfig | None = None,
         *,
         map_location: str | torch.device | None = None,
-    ) -> "MemGPTState":
+    ) -> MemGPTState:
         """Read a state written by :meth:`save`: a new state, or ValueError naming the file, the
         expected and the actual value (corrupt file, foreign file, another model's state).
 

@@ -73,9 +73,14 @@ LEGACY_DEFAULTS = {"shift_keys": False}
 def _with_legacy_defaults(config: dict) -> dict:
     return {k: v for k, v in LEGACY_DEFAULTS.items() if k not in config} | config
 
+
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.long, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.long,
+    "BOOL": torch.bool,
 }
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 
@@ -170,9 +175,7 @@ def write_state_file(
         "batch_size": batch_size,
         "dtype": str(dtype).removeprefix("torch."),
         "config": config,
-        "layers": [
-            [config["memory_heads"], config["memory_capacity"], config["key_dim"], config["value_dim"]]
-        ]
+        "layers": [[config["memory_heads"], config["memory_capacity"], config["key_dim"], config["value_dim"]]]
         * config["depth"],
     }
     header["sha256"] = _digest(header, tensors)

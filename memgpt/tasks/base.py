@@ -29,7 +29,7 @@ class TaskBatch:
     def answer_mask(self) -> Tensor:
         return self.targets != IGNORE_INDEX
 
-    def to(self, device: torch.device | str) -> "TaskBatch":
+    def to(self, device: torch.device | str) -> TaskBatch:
         return TaskBatch(self.input_ids.to(device), self.targets.to(device), self.segment_len, self.query_segment)
 
 

@@ -32,8 +32,18 @@ from torch import Tensor
 __all__ = ["CharVocab", "StdlibCorpus", "EXCLUDED_DIRS", "SPLITS", "split_of", "list_stdlib_files", "stdlib_root"]
 
 EXCLUDED_DIRS = frozenset(
-    {"site-packages", "test", "tests", "idle_test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip",
-     "__pycache__"}
+    {
+        "site-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "lib2to3",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "__pycache__",
+    }
 )
 SPLITS = ("train", "validation", "test")
 
@@ -100,7 +110,7 @@ class StdlibCorpus:
     files: dict[str, tuple[str, ...]]
 
     @classmethod
-    def scan(cls, root: str | os.PathLike | None = None) -> "StdlibCorpus":
+    def scan(cls, root: str | os.PathLike | None = None) -> StdlibCorpus:
         root = stdlib_root() if root is None else Path(root)
         by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
         for rel in list_stdlib_files(root):
@@ -122,8 +132,9 @@ class StdlibCorpus:
         entries = []
         for rel in sorted(r for s in SPLITS for r in self.files[s]):
             data = (self.root / rel).read_bytes()
-            entries.append({"path": rel, "split": split_of(rel), "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+            entries.append(
+                {"path": rel, "split": split_of(rel), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
         return {
             "python": platform.python_version(),
             "implementation": platform.python_implementation(),

@@ -45,7 +45,13 @@ def sample_windows(files: list[Tensor], length: int, batch_size: int, generator:
 
 
 def insert_repeats(
-    windows: Tensor, prob: float, *, min_len: int, max_len: int, min_distance: int, max_distance: int,
+    windows: Tensor,
+    prob: float,
+    *,
+    min_len: int,
+    max_len: int,
+    min_distance: int,
+    max_distance: int,
     generator: torch.Generator,
 ) -> Tensor:
     """windows (b L) -> a copy where each row, with probability ``prob``, has one chunk repeated.
@@ -103,8 +109,10 @@ class TextWindowTask:
     def __post_init__(self) -> None:
         positive("TextWindowTask", "segment_len", self.segment_len)
         positive("TextWindowTask", "segments", self.segments)
-        if isinstance(self.repeat_prob, bool) or not isinstance(self.repeat_prob, (int, float)) or not (
-            0.0 <= self.repeat_prob <= 1.0
+        if (
+            isinstance(self.repeat_prob, bool)
+            or not isinstance(self.repeat_prob, (int, float))
+            or not (0.0 <= self.repeat_prob <= 1.0)
         ):
             raise ValueError(f"TextWindowTask.repeat_prob must be a float in [0, 1], got {self.repeat_prob!r}")
         self.repeat_len = tuple(self.repeat_len)
@@ -113,8 +121,10 @@ class TextWindowTask:
         self.repeat_distance = tuple(self.repeat_distance)
         for name in ("repeat_len", "repeat_distance"):
             lo_hi = getattr(self, name)
-            if len(lo_hi) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi) or not (
-                1 <= lo_hi[0] <= lo_hi[1]
+            if (
+                len(lo_hi) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi)
+                or not (1 <= lo_hi[0] <= lo_hi[1])
             ):
                 raise ValueError(f"TextWindowTask.{name} must be two ints 1 <= min <= max, got {lo_hi!r}")
         corpus = StdlibCorpus.scan(self.root)
@@ -134,8 +144,15 @@ class TextWindowTask:
         windows = sample_windows(self.files, self.seq_len + 1, batch_size, generator)
         if self.repeat_prob:
             (lo, hi), (dlo, dhi) = self.repeat_len, self.repeat_distance
-            windows = insert_repeats(windows, float(self.repeat_prob), min_len=lo, max_len=hi, min_distance=dlo,
-                                     max_distance=dhi, generator=generator)
+            windows = insert_repeats(
+                windows,
+                float(self.repeat_prob),
+                min_len=lo,
+                max_len=hi,
+                min_distance=dlo,
+                max_distance=dhi,
+                generator=generator,
+            )
         return TaskBatch(windows[:, :-1], windows[:, 1:].contiguous(), self.segment_len, self.segments - 1)
 
 
@@ -162,7 +179,12 @@ def far_copyable_mask(ids: Tensor, *, context: int = 16, distance: int = 128) ->
 
 
 def copy_probe(
-    files: list[Tensor], num_probes: int, *, chunk_len: int = 256, filler_len: int = 256, segment_len: int = 128,
+    files: list[Tensor],
+    num_probes: int,
+    *,
+    chunk_len: int = 256,
+    filler_len: int = 256,
+    segment_len: int = 128,
     generator: torch.Generator,
 ) -> TaskBatch:
     """``[A][filler][A]`` per row: ``A`` = ``chunk_len`` characters at a random offset of a random
@@ -182,7 +204,9 @@ def copy_probe(
         raise ValueError(f"copy_probe: filler_len ({filler_len}) must span >= 2 segments ({2 * segment_len})")
     usable = [i for i, f in enumerate(files) if len(f) >= max(chunk_len, filler_len)]
     if len(usable) < 2:
-        raise ValueError(f"copy_probe needs >= 2 files of >= {max(chunk_len, filler_len)} characters, got {len(usable)}")
+        raise ValueError(
+            f"copy_probe needs >= 2 files of >= {max(chunk_len, filler_len)} characters, got {len(usable)}"
+        )
     rows = []
     for _ in range(num_probes):
         a, b = torch.randperm(len(usable), generator=generator)[:2].tolist()

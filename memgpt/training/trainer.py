@@ -27,11 +27,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models.config import MemGPTConfig
-from .distributed import all_reduce_sum, world
 from ..models.model import MemGPTModel
 from ..models.state import MemGPTState
 from ..tasks import IGNORE_INDEX, PasskeyTask, RecallTask, TaskBatch
 from ..tasks.text_windows import TextWindowTask
+from .distributed import all_reduce_sum, world
 
 __all__ = [
     "TrainConfig",
@@ -100,7 +100,11 @@ def _loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _logits(
-    model: MemGPTModel, kind: str, ids: Tensor, segment_len: int, state: MemGPTState | None = None,
+    model: MemGPTModel,
+    kind: str,
+    ids: Tensor,
+    segment_len: int,
+    state: MemGPTState | None = None,
     inplace_memory: bool = False,
 ) -> tuple[Tensor, MemGPTState | None]:
     """Logits (b n vocab) of ``model`` run as ``kind`` on ids (b n), and the memory kind's new state.
@@ -196,7 +200,12 @@ def backward_pass(
 
 
 def run_model(
-    model: MemGPTModel, kind: str, batch: TaskBatch, *, ablate: bool = False, bptt_segments: int | None = None,
+    model: MemGPTModel,
+    kind: str,
+    batch: TaskBatch,
+    *,
+    ablate: bool = False,
+    bptt_segments: int | None = None,
     backward: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits (b L vocab) of ``model`` on ``batch`` run as ``kind``; with ``backward``, the loss is
@@ -363,7 +372,7 @@ class Trainer:
         tmp.replace(path)  # never leave a half-written checkpoint behind
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto") -> "Trainer":
+    def load(cls, path: str | Path, *, device: str = "auto") -> Trainer:
         payload = load_checkpoint(path)
         cfg = TrainConfig(**_tuples(payload["train_config"]))
         cfg.device = device
@@ -411,7 +420,13 @@ def _progress(kind: str, rec: dict, total: int) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: MemGPTModel, kind: str, task: RecallTask | PasskeyTask, *, batches: int, batch_size: int, seed: int,
+    model: MemGPTModel,
+    kind: str,
+    task: RecallTask | PasskeyTask,
+    *,
+    batches: int,
+    batch_size: int,
+    seed: int,
     ablate: bool = False,
 ) -> float:
     """Answer accuracy on ``batches`` held-out batches drawn with ``seed``."""

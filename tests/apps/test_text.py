@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memgpt.apps.text import TextConfig, build_text_model, position_bins, probe_bits, run_text, stream_bits
 from memgpt.tasks.stdlib_text import CharVocab
 from memgpt.tasks.text_windows import copy_probe
 from memgpt.testing import assert_close_dtype
-from memgpt.apps.text import TextConfig, build_text_model, position_bins, probe_bits, run_text, stream_bits
 from memgpt.training.trainer import TrainConfig
 
 V = CharVocab()
@@ -84,12 +84,18 @@ def test_tiny_training_run(tmp_path):
     """Train both models a few steps on a small repetitive tree: the pipeline runs end to end,
     training lowers the loss, and every output is written."""
     torch.set_num_threads(1)
-    lines = "".join(f"def handler_{i % 7}(request, value):\n    return request.send(value + {i % 5})\n" for i in range(60))
+    lines = "".join(
+        f"def handler_{i % 7}(request, value):\n    return request.send(value + {i % 5})\n" for i in range(60)
+    )
     for name in ("a.py", "b.py", "c.py", "d.py", "e.py", "f.py", "g.py"):  # a,c,e,f,g train; b test; ...
         (tmp_path / "lib" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "lib" / name).write_text(lines)
     cfg = tiny(
-        root=str(tmp_path / "lib"), eval_max_chars=600, probe_count=2, probe_chunk=16, probe_filler=16,
+        root=str(tmp_path / "lib"),
+        eval_max_chars=600,
+        probe_count=2,
+        probe_chunk=16,
+        probe_filler=16,
         train=TrainConfig(steps=40, batch_size=4, lr=1e-2, warmup_steps=5, device="cpu", log_every=100),
     )
     cfg.eval_split = "train"  # the tiny tree has one test file; the probe needs two
@@ -133,8 +139,9 @@ def test_cli_text_flags():
     parse = build_parser().parse_args
     default = text_config(parse(["text"]))
     assert default == TextConfig(fusion_bias_init=default.fusion_bias_init)  # no flag: TextConfig's defaults
-    cfg = text_config(parse(["text", "--no-qk-norm", "--no-shift-keys", "--top-k", "8", "--repeat-prob", "0.25",
-                             "--steps", "7"]))
+    cfg = text_config(
+        parse(["text", "--no-qk-norm", "--no-shift-keys", "--top-k", "8", "--repeat-prob", "0.25", "--steps", "7"])
+    )
     assert (cfg.qk_norm, cfg.shift_keys, cfg.top_k, cfg.repeat_prob, cfg.train.steps) == (False, False, 8, 0.25, 7)
     assert text_config(parse(["text", "--shift-keys"])).shift_keys is True
     assert text_config(parse(["text", "--qk-norm", "--top-k", "0"])).qk_norm is True

@@ -20,16 +20,32 @@ V = 128
 
 def gpt2(layers: int = 3) -> torch.nn.Module:
     config = transformers.GPT2Config(
-        vocab_size=V, n_positions=64, n_embd=32, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=V,
+        n_positions=64,
+        n_embd=32,
+        n_layer=layers,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
 def llama() -> torch.nn.Module:
     config = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -140,9 +156,7 @@ def test_kv_cache_decoding_writes_only_the_new_real_tokens():
         out = mm(ids, attention_mask=mask, use_cache=True)
         cache = out.get("cache", None) or out.get("past_key_values")
         step_mask = torch.cat([mask, torch.tensor([[1], [0]])], dim=1)  # (b 6)
-        step = mm(
-            ids[:, -1:], attention_mask=step_mask, memory_state=out.memory_state, **{cache_kwarg(model): cache}
-        )
+        step = mm(ids[:, -1:], attention_mask=step_mask, memory_state=out.memory_state, **{cache_kwarg(model): cache})
     assert step.logits.shape == (2, 1, V)
     assert step.memory_state[0].count.tolist() == [6, 5]
     call = _Call({}, step_mask)

@@ -132,9 +132,7 @@ def test_padding_is_never_written(device):
     """mask False positions take no slot: each row's store equals the store of its real tokens alone."""
     wrapped = WithMemory(UserBlock(), MemoryLayer(D, heads=2, capacity=8)).to(device=device, dtype=F64)
     x = torch.randn(3, 6, D, dtype=F64, device=device)
-    mask = torch.tensor(
-        [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 0]], dtype=torch.bool, device=device
-    )
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 0]], dtype=torch.bool, device=device)
     _, state = wrapped(x, mask=mask)
     assert state.count.tolist() == [6, 3, 3]
     for i in range(3):

@@ -125,7 +125,7 @@ def assert_memory_matches(state: MemoryState, row: int, memory: list[list[tuple]
         assert_close_dtype(values, torch.stack([v for _, v, *_ in slots]))
 
 
-def two_calls_match_hand(layer: MemoryLayer, hand: "HandLayer", x1: torch.Tensor, x2: torch.Tensor):
+def two_calls_match_hand(layer: MemoryLayer, hand: HandLayer, x1: torch.Tensor, x2: torch.Tensor):
     """Run ``layer`` over x1 then x2 (b n d) and assert both outputs equal the hand formulas, row
     by row. Returns the layer's states s1, s2 and, per row, the hand memories (m1, m2)."""
     y1, s1 = layer(x1)

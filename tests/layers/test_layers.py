@@ -139,9 +139,7 @@ def test_every_token_reads_the_memory_as_it_was_before_the_call(device, eviction
 def test_padding_is_never_written(device, eviction):
     layer = make_layer(device, eviction=eviction, capacity=3)
     x = torch.randn(3, 6, 8, dtype=F64, device=device)
-    mask = torch.tensor(
-        [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool, device=device
-    )
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool, device=device)
     _, s1 = layer(x, mask=mask)
     _, s2 = layer(x, s1, mask=mask)
     assert s1.count.tolist() == [6, 3, 0] and s2.count.tolist() == [12, 6, 0]

@@ -19,7 +19,10 @@ def filled_state(b: int, h: int, m: int, dk: int, dv: int, n: int, device) -> Me
     """A store of capacity m holding n < m random writes (so some slots are still empty)."""
     state = MemoryState.empty(b, h, m, dk, dv, device=device, dtype=F64)
     g = torch.rand(b, h, n, dtype=F64, device=device) * 0.9 + 0.05
-    keys, values = torch.randn(b, h, n, dk, dtype=F64, device=device), torch.randn(b, h, n, dv, dtype=F64, device=device)
+    keys, values = (
+        torch.randn(b, h, n, dk, dtype=F64, device=device),
+        torch.randn(b, h, n, dv, dtype=F64, device=device),
+    )
     return write(state, keys, values, g)
 
 
@@ -27,8 +30,11 @@ def by_hand(reader: SoftmaxReader, x, state: MemoryState, gated: bool):
     """softmax_i(tau_h cos(q, k_i) [+ log g_i]) v_i over valid slots, then W_o, written out."""
     b, n, _ = x.shape
     q = reader.query_proj(x).view(b, n, reader.heads, reader.key_dim).transpose(1, 2)  # (b h n dk)
-    cos = torch.einsum("bhnd,bhmd->bhnm", q / q.norm(dim=-1, keepdim=True),
-                       state.keys / state.keys.norm(dim=-1, keepdim=True).clamp_min(1e-300))
+    cos = torch.einsum(
+        "bhnd,bhmd->bhnm",
+        q / q.norm(dim=-1, keepdim=True),
+        state.keys / state.keys.norm(dim=-1, keepdim=True).clamp_min(1e-300),
+    )
     scores = reader.log_scale.exp()[None, :, None, None] * cos
     if gated:
         scores = scores + state.strength.log()[:, :, None, :]
@@ -100,8 +106,17 @@ def test_bad_qk_norm():
 
 def test_model_with_qk_norm_streams_like_one_call():
     """MemGPTConfig.qk_norm reaches every block; token-by-token decoding equals one call."""
-    cfg = MemGPTConfig(vocab_size=20, dim=16, depth=2, heads=2, segment_len=4, memory_capacity=6, memory_heads=2,
-                       qk_norm=True, fusion_bias_init=0.0)
+    cfg = MemGPTConfig(
+        vocab_size=20,
+        dim=16,
+        depth=2,
+        heads=2,
+        segment_len=4,
+        memory_capacity=6,
+        memory_heads=2,
+        qk_norm=True,
+        fusion_bias_init=0.0,
+    )
     model = MemGPTModel(cfg).double().eval()
     assert all(b.memory.reader.qk_norm for b in model.blocks)
     ids = torch.randint(20, (2, 15))

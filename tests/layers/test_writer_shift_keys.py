@@ -34,8 +34,17 @@ def test_null_key_is_the_key_of_a_zero_input():
 
 
 def config(**kw) -> MemGPTConfig:
-    base = dict(vocab_size=20, dim=16, depth=2, heads=2, segment_len=4, memory_capacity=8, memory_heads=2,
-                fusion_bias_init=0.0, shift_keys=True)
+    base = dict(
+        vocab_size=20,
+        dim=16,
+        depth=2,
+        heads=2,
+        segment_len=4,
+        memory_capacity=8,
+        memory_heads=2,
+        fusion_bias_init=0.0,
+        shift_keys=True,
+    )
     return MemGPTConfig(**{**base, **kw})
 
 

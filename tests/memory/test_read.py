@@ -216,9 +216,7 @@ def test_read_gradcheck(fn, top_k, gated_scores):
     assert strength.dtype == torch.float64
 
     def f(q, keys, values, strength):
-        return fn(
-            q, state.replace(keys=keys, values=values, strength=strength), top_k=top_k, gated_scores=gated_scores
-        )
+        return fn(q, state.replace(keys=keys, values=values, strength=strength), top_k=top_k, gated_scores=gated_scores)
 
     assert torch.autograd.gradcheck(f, (q, keys, values, strength))
 

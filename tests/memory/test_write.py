@@ -413,7 +413,9 @@ def test_priority_policies_ignore_slot_positions(device, b, h, m, n, eviction, s
     state = fill(
         MemoryState.empty(b, h, m, 2, 3, dtype=torch.float64, device=device), 5, eviction=eviction, generator=gen
     )
-    state = state.replace(usage=torch.rand(b, h, m, generator=gen).to(device, state.usage.dtype) * state.valid)  # empty slots hold zeros
+    state = state.replace(
+        usage=torch.rand(b, h, m, generator=gen).to(device, state.usage.dtype) * state.valid
+    )  # empty slots hold zeros
     permuted = permute_slots(state, torch.rand(b, h, m, generator=gen).argsort(dim=-1).to(device))
     k, v, g, mask = tokens(b, h, n, 2, 3, device=device, generator=gen)
     for fn in (write, ref.write):

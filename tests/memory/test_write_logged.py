@@ -128,7 +128,12 @@ def test_logged_chain_equals_out_of_place_float64(b, h, m, plan, eviction, top_k
 
 
 @settings(max_examples=15, deadline=None)
-@given(plan=plans, eviction=st.sampled_from(EVICTION_POLICIES), top_k=st.sampled_from([None, 2]), seed=st.integers(0, 2**31 - 1))
+@given(
+    plan=plans,
+    eviction=st.sampled_from(EVICTION_POLICIES),
+    top_k=st.sampled_from([None, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_logged_chain_equals_out_of_place_float32(plan, eviction, top_k, seed):
     assume(any(kind == "read" for kind, _, _ in plan))
     gen = torch.Generator().manual_seed(seed)
@@ -209,7 +214,13 @@ def test_a_store_changed_behind_the_log_is_refused_in_backward():
     gen = torch.Generator().manual_seed(3)
     ops = make_ops([("read", 2, 1.0), ("write", 3, 1.0), ("read", 2, 1.0)], 1, 1, torch.float32, gen)
     loss, final = run_chain(
-        MemoryState.empty(1, 1, 4, DK, DV), ops, inplace=True, explicit_start=True, eviction="fifo", top_k=None, gated=True
+        MemoryState.empty(1, 1, 4, DK, DV),
+        ops,
+        inplace=True,
+        explicit_start=True,
+        eviction="fifo",
+        top_k=None,
+        gated=True,
     )
     carried = final.detach()  # the next window's state shares the store
     with torch.no_grad():

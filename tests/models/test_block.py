@@ -1,10 +1,10 @@
 """MemGPTBlock in whole-segment mode (no SegmentView) against a hand composition of its parts.
 
-    h  = x + SelfAttention(attn_norm(x))
-    u  = memory_norm(h)
-    h' = h + (Fusion(u, Read(u, M)) - u)
-    M' = Write(u, M)
-    y  = h' + FFN(ffn_norm(h'))
+h  = x + SelfAttention(attn_norm(x))
+u  = memory_norm(h)
+h' = h + (Fusion(u, Read(u, M)) - u)
+M' = Write(u, M)
+y  = h' + FFN(ffn_norm(h'))
 """
 
 from __future__ import annotations

@@ -12,7 +12,14 @@ from memgpt import MemGPTConfig, MemGPTModel
 def model_for(eviction: str) -> MemGPTModel:
     torch.manual_seed(0)
     config = MemGPTConfig(
-        vocab_size=37, dim=32, depth=2, heads=2, segment_len=4, memory_capacity=6, memory_heads=2, eviction=eviction,
+        vocab_size=37,
+        dim=32,
+        depth=2,
+        heads=2,
+        segment_len=4,
+        memory_capacity=6,
+        memory_heads=2,
+        eviction=eviction,
         top_k=2 if eviction == "usage" else None,
     )
     return MemGPTModel(config).eval()

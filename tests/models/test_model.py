@@ -263,7 +263,7 @@ def test_gradients_flow_through_memory_within_a_call(model):
 def test_detach_cuts_the_graph_between_calls(model):
     tap = EmbeddingTap(model)
     try:
-        state, previous_grad = None, None
+        state, previous_emb, previous_grad = None, None, None
         for k in range(6):
             tap.outputs.clear()
             out = model(ids(2, 4, seed=10 + k), state)

@@ -264,7 +264,9 @@ def test_shift_keys_is_checked_and_older_files_without_it_load(tmp_path, saved):
     and was written without it."""
     model, state, path, _ = saved
     shifted = make_model(memory_heads=2, eviction="usage", shift_keys=True)
-    with pytest.raises(ValueError, match="was saved for another model: shift_keys expected True \\(the model\\), got False"):
+    with pytest.raises(
+        ValueError, match="was saved for another model: shift_keys expected True \\(the model\\), got False"
+    ):
         MemGPTState.load(path, shifted)
 
     def drop(h):

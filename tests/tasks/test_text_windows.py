@@ -78,11 +78,15 @@ def test_copy_probe_layout():
 
 def test_copy_probe_filler_comes_from_another_file():
     files = files_of(300, 400, 500, 100)  # the 100-character file is too short for either part
-    batch = copy_probe(files, 32, chunk_len=64, filler_len=128, segment_len=64, generator=torch.Generator().manual_seed(1))
+    batch = copy_probe(
+        files, 32, chunk_len=64, filler_len=128, segment_len=64, generator=torch.Generator().manual_seed(1)
+    )
     a, filler = batch.input_ids[:, 0], batch.input_ids[:, 64]
     assert (a != filler).all() and set(a.tolist()) | set(filler.tolist()) <= {10, 11, 12}
     assert len(set(a.tolist())) == 3  # every usable file gets used as A
-    again = copy_probe(files, 32, chunk_len=64, filler_len=128, segment_len=64, generator=torch.Generator().manual_seed(1))
+    again = copy_probe(
+        files, 32, chunk_len=64, filler_len=128, segment_len=64, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(batch.input_ids, again.input_ids)
 
 
@@ -126,8 +130,15 @@ def test_text_window_task(tmp_path):
 
 def test_insert_repeats_copies_one_chunk_far_enough_back():
     windows = torch.arange(8 * 100).view(8, 100) % 1000  # all characters distinct within a row
-    out = insert_repeats(windows, 1.0, min_len=5, max_len=20, min_distance=30, max_distance=60,
-                         generator=torch.Generator().manual_seed(0))
+    out = insert_repeats(
+        windows,
+        1.0,
+        min_len=5,
+        max_len=20,
+        min_distance=30,
+        max_distance=60,
+        generator=torch.Generator().manual_seed(0),
+    )
     for row, new in zip(windows, out):
         changed = (row != new).nonzero().flatten()
         assert len(changed) >= 5, "every row was chosen: one chunk must be overwritten"
@@ -161,8 +172,9 @@ def test_text_window_task_repeats(tmp_path):
     for name in ("a.py", "b.py", "c.py", "d.py"):
         (tmp_path / name).write_text(text)
     plain = TextWindowTask(segment_len=16, segments=4, split="train", root=str(tmp_path))
-    rep = TextWindowTask(segment_len=16, segments=4, split="train", root=str(tmp_path), repeat_prob=1.0,
-                         repeat_len=(8, 8))
+    rep = TextWindowTask(
+        segment_len=16, segments=4, split="train", root=str(tmp_path), repeat_prob=1.0, repeat_len=(8, 8)
+    )
     assert rep.repeat_distance == (16, 64)
     a, b = plain.sample(6, torch.Generator().manual_seed(0)), rep.sample(6, torch.Generator().manual_seed(0))
     assert torch.equal(b.input_ids[:, 1:], b.targets[:, :-1])  # targets still = next character

@@ -21,9 +21,9 @@ from safetensors import safe_open
 
 import memgpt.training.trainer
 from memgpt import MemGPTConfig, MemGPTModel
-from memgpt.training.distributed import World, all_reduce_sum, init_from_env, launched_by_torchrun, world
 from memgpt.tasks import RecallTask
 from memgpt.testing import TOLERANCES
+from memgpt.training.distributed import World, all_reduce_sum, init_from_env, launched_by_torchrun, world
 from memgpt.training.trainer import TaskLoss, TrainConfig, Trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -47,7 +47,11 @@ def test_inplace_memory_trains_like_the_copying_writes(bptt_segments):
     runs = []
     for inplace in (False, True):
         trainer = Trainer(
-            tiny_model(), "memory", "recall", TASK, tiny_cfg(steps=4, bptt_segments=bptt_segments, inplace_memory=inplace)
+            tiny_model(),
+            "memory",
+            "recall",
+            TASK,
+            tiny_cfg(steps=4, bptt_segments=bptt_segments, inplace_memory=inplace),
         )
         runs.append((trainer.fit(progress=False), trainer.model.state_dict()))
     (hist_a, params_a), (hist_b, params_b) = runs
