@@ -61,24 +61,41 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_matched(build: Builder, shape: ModelShape, target: int, dims: range | None = None) -> Contender | str:
-    """The contender of ``build`` at the width in ``dims`` (default 16..512, multiples of
-    ``shape.heads * 4``) whose parameter count is closest to ``target``."""
-    step = shape.heads * 4
-    dims = dims or range(step * max(1, 16 // step), 513, step)
-    best: tuple[int, Contender] | None = None
-    reason = "no width tried"
-    for dim in dims:
-        built = build(ModelShape(shape.vocab_size, shape.segment_len, dim, shape.depth, shape.heads))
-        if isinstance(built, str):
-            reason = built
-            continue
-        gap = abs(n_params(built.model) - target)
-        if best is None or gap < best[0]:
-            best = (gap, built)
-        elif n_params(built.model) > target:
-            break  # widths only grow from here
-    return reason if best is None else best[1]
+def build_matched(
+    build: Builder, shape: ModelShape, target: int, dims: range | None = None
+) -> tuple[Contender, int] | str:
+    """(contender, width): ``build`` at the width in ``dims`` (default 16..512, multiples of
+    ``shape.heads``) whose parameter count is closest to ``target``; or why it cannot be built.
+
+    Parameter counts grow with the width, so a bisection finds the first width at or above the
+    target; the answer is it or the width before it.
+    """
+    step = shape.heads
+    widths = list(dims or range(step * max(1, -(-16 // step)), 513, step))
+    built: dict[int, Contender | str] = {}
+
+    def at(i: int) -> Contender | str:
+        if i not in built:
+            built[i] = build(ModelShape(shape.vocab_size, shape.segment_len, widths[i], shape.depth, shape.heads))
+        return built[i]
+
+    lo, hi = 0, len(widths) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        c = at(mid)
+        if isinstance(c, str):
+            return c
+        if n_params(c.model) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    options: list[tuple[Contender, int]] = []
+    for i in (lo, lo - 1) if lo else (lo,):
+        c = at(i)
+        if isinstance(c, str):
+            return c
+        options.append((c, widths[i]))
+    return min(options, key=lambda cw: abs(n_params(cw[0].model) - target))
 
 
 def detach_tree(state: State) -> State:

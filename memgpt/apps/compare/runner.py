@@ -1,0 +1,342 @@
+"""Train and evaluate every contender alike: the heart of ``python -m memgpt compare``.
+
+Per (task, contender, learning rate) a **training run**: the same seeded data for everyone,
+AdamW with linear warm-up and cosine decay, gradient clipping, batch 32; a sample is fed one
+segment at a time and the loss (cross-entropy at the answer positions) is back-propagated
+through all of its segments. Each run is scored on held-out samples at the training distances
+(the validation set, another seed); the best learning rate per contender (validation accuracy,
+then loss) is then **evaluated** by streaming held-out samples far beyond training under
+``torch.no_grad()``, recording accuracy, seconds and the peak resident memory per point.
+
+Runs go to a pool of worker processes (``workers``, one thread each) so that two cores train
+two models at once; every run prints a one-line progress bar to stderr.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ...tasks import IGNORE_INDEX
+from .contender import Builder, Contender, ModelShape, build_matched, check_logits, n_params
+from .ours import OURS
+from .suite import TASKS, SuiteTask, segments_of
+
+__all__ = ["CompareConfig", "builders", "match_widths", "train_run", "eval_run", "run_compare"]
+
+
+@dataclass
+class CompareConfig:
+    tasks: tuple[str, ...] = ("recall", "passkey")
+    contenders: tuple[str, ...] = ()  # empty: every contender (ours and every peer)
+    steps: int = 1000
+    batch_size: int = 32
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    dim: int = 64  # of the reference contender (memgpt-strength); the others are matched to it
+    depth: int = 2
+    heads: int = 4
+    reference: str = "memgpt-strength"
+    val_samples: int = 32  # per training distance
+    eval_samples: int = 64  # per evaluation point
+    long_tokens: int = 65536  # points longer than this are scored on long_eval_samples samples
+    long_eval_samples: int = 16
+    eval_batch_size: int = 32
+    eval_budget_s: float = 900.0  # per contender and task; points that would exceed it are skipped
+    seed: int = 0
+    workers: int = 2
+    quick: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def builders() -> dict[str, Builder]:
+    """Every contender by name: ours first, then the peers (whose packages may be missing)."""
+    from . import peers  # TEMPORARY until the registry lands
+
+    return OURS | getattr(peers, "PEERS", {})
+
+
+def match_widths(cfg: CompareConfig, task: SuiteTask, names: list[str]) -> tuple[dict, dict[str, str]]:
+    """name -> (dim, params) for every buildable contender, its width matched to the reference's
+    parameter count; and name -> reason for those that cannot be built."""
+    every = builders()
+    base = ModelShape(task.vocab_size, task.make(task.train_x[0]).segment_len, cfg.dim, cfg.depth, cfg.heads)
+    ref = every[cfg.reference](base)
+    if isinstance(ref, str):
+        raise RuntimeError(f"the reference contender {cfg.reference} cannot be built: {ref}")
+    target = n_params(ref.model)
+    dims: dict[str, tuple[int, int]] = {}
+    missing: dict[str, str] = {}
+    for name in names:
+        built = (ref, cfg.dim) if name == cfg.reference else build_matched(every[name], base, target)
+        if isinstance(built, str):
+            missing[name] = built
+        else:
+            dims[name] = (built[1], n_params(built[0].model))
+    return dims, missing
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+def _build(name: str, task: SuiteTask, cfg: CompareConfig, dim: int, seed: int) -> Contender:
+    torch.manual_seed(seed)
+    shape = ModelShape(task.vocab_size, task.make(task.train_x[0]).segment_len, dim, cfg.depth, cfg.heads)
+    built = builders()[name](shape)
+    if isinstance(built, str):
+        raise RuntimeError(f"{name} cannot be built: {built}")
+    return built
+
+
+def _lr_at(step: int, cfg: CompareConfig, lr: float) -> float:
+    if step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _sample_loss(c: Contender, task, batch_size: int, gen: torch.Generator, vocab: int, checked: list[bool]):
+    """Feed one batch of ``task`` segment by segment; (summed answer loss, correct, answers)."""
+    state = None
+    loss = torch.zeros(())
+    correct = total = 0
+    for ids, targets in segments_of(task, batch_size, gen):
+        logits, state = c.step(ids, state)
+        if not checked[0]:
+            check_logits(c.name, logits, ids, vocab)
+            checked[0] = True
+        answer = targets != IGNORE_INDEX
+        if answer.any():
+            picked = logits[answer].float()
+            loss = loss + F.cross_entropy(picked, targets[answer], reduction="sum")
+            correct += int((picked.argmax(-1) == targets[answer]).sum())
+            total += int(answer.sum())
+    return loss, correct, total
+
+
+class _Progress:
+    """One line per run on stderr, redrawn at most every ``every`` seconds."""
+
+    def __init__(self, label: str, total: int, every: float = 10.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, note: str = "", force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        filled = int(20 * done / max(1, self.total))
+        bar = "#" * filled + "." * (20 - filled)
+        print(
+            f"[{self.label}] [{bar}] {done}/{self.total} {note} ({now - self.start:.0f}s)", file=sys.stderr, flush=True
+        )
+
+
+def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig, ckpt: str) -> dict:
+    """Train one contender at one learning rate; validate; save its weights to ``ckpt``."""
+    torch.set_num_threads(1)
+    task = TASKS[task_name]
+    c = _build(name, task, cfg, dim, cfg.seed)
+    opt = torch.optim.AdamW(c.model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same data for every contender and lr
+    progress = _Progress(f"{task_name} {name} lr={lr:g}", cfg.steps)
+    checked = [False]
+    times, losses, failure = [], [], None
+    c.model.train()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        x = task.train_x[int(torch.randint(len(task.train_x), (1,), generator=gen))]
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg, lr)
+        loss, _, total = _sample_loss(c, task.make(x), cfg.batch_size, gen, task.vocab_size, checked)
+        loss = loss / max(1, total)
+        if not torch.isfinite(loss):
+            failure = f"non-finite loss at step {step}"
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(c.model.parameters(), cfg.grad_clip)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        progress.update(step + 1, f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    record = dict(
+        task=task_name,
+        contender=name,
+        lr=lr,
+        dim=dim,
+        params=n_params(c.model),
+        config=c.config,
+        steps=len(times),
+        ms_per_step=1e3 * _median(times) if times else None,
+        train_s=sum(times),
+        final_loss=sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else None,
+        failure=failure,
+    )
+    if failure is None:
+        record |= _validate(c, task, cfg)
+        torch.save(c.model.state_dict(), ckpt)
+    progress.update(cfg.steps, f"val acc {record.get('val_acc', float('nan')):.3f}", force=True)
+    return record
+
+
+@torch.no_grad()
+def _validate(c: Contender, task: SuiteTask, cfg: CompareConfig) -> dict:
+    c.model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # held out: another seed
+    loss = 0.0
+    correct = total = 0
+    for x in task.train_x:
+        left = cfg.val_samples
+        while left > 0:
+            b = min(left, cfg.eval_batch_size)
+            sl, sc, st = _sample_loss(c, task.make(x), b, gen, task.vocab_size, [True])
+            loss, correct, total, left = loss + float(sl), correct + sc, total + st, left - b
+    return dict(val_acc=correct / max(1, total), val_loss=loss / max(1, total))
+
+
+def _peak_rss_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    except OSError:
+        return None
+    return None if found is None else int(found.group(1)) / 1024
+
+
+@torch.no_grad()
+def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str, eval_x: tuple[int, ...]) -> dict:
+    """Stream held-out samples at every evaluation point; skip the points its budget cannot fit."""
+    torch.set_num_threads(1)
+    task = TASKS[task_name]
+    c = _build(name, task, cfg, dim, cfg.seed)
+    c.model.load_state_dict(torch.load(ckpt, weights_only=True))
+    c.model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+    points, spent, per_segment = [], 0.0, None
+    progress = _Progress(f"{task_name} {name} eval", len(eval_x), every=0.0)
+    for i, x in enumerate(eval_x):
+        segments = task.segments(x)
+        tokens = segments * task.make(x).segment_len
+        samples = cfg.eval_samples if tokens <= cfg.long_tokens else min(cfg.eval_samples, cfg.long_eval_samples)
+        batches = -(-samples // cfg.eval_batch_size)
+        if c.max_tokens is not None and tokens > c.max_tokens:
+            points.append(dict(x=x, skipped=f"{tokens} tokens exceed what it can attend to ({c.max_tokens})"))
+            continue
+        if per_segment is not None and spent + per_segment * segments * batches > cfg.eval_budget_s:
+            need = per_segment * segments * batches
+            points.append(
+                dict(x=x, skipped=f"would take ~{need / 60:.0f} min (budget {cfg.eval_budget_s / 60:.0f} min)")
+            )
+            continue
+        _peak_rss_reset()
+        t0 = time.perf_counter()
+        correct = total = 0
+        left = samples
+        while left > 0:
+            b = min(left, cfg.eval_batch_size)
+            _, sc, st = _sample_loss(c, task.make(x), b, gen, task.vocab_size, [True])
+            correct, total, left = correct + sc, total + st, left - b
+        seconds = time.perf_counter() - t0
+        spent += seconds
+        per_segment = seconds / (segments * batches)
+        points.append(
+            dict(x=x, acc=correct / max(1, total), answers=total, seconds=seconds, peak_rss_mb=_peak_rss_mb())
+        )
+        progress.update(i + 1, f"x={x} acc {points[-1]['acc']:.3f}", force=True)
+    return dict(task=task_name, contender=name, points=points, chance=task.make(task.train_x[0]).chance)
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2]
+
+
+# ---------------------------------------------------------------------------------------- suite
+
+
+def run_compare(cfg: CompareConfig, out_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Every task, contender and learning rate; returns (and the caller may write) all rows."""
+    out = Path(out_dir)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    every = builders()
+    names = list(cfg.contenders) or list(every)
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; expected names from {sorted(every)}")
+    results: dict = dict(config=asdict(cfg), tasks={})
+    ctx = get_context("spawn")  # workers start clean: one thread each, no inherited state
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+        for task_name in cfg.tasks:
+            task = TASKS[task_name]
+            dims, missing = match_widths(cfg, task, names)
+            for name, reason in missing.items():
+                log(f"{task_name}: {name} not run: {reason}")
+            for name, (dim, params) in dims.items():
+                log(f"{task_name}: {name} width {dim}, {params:,} parameters")
+            jobs = {
+                (name, lr): pool.submit(
+                    train_run,
+                    task_name,
+                    name,
+                    lr,
+                    dims[name][0],
+                    cfg,
+                    str(out / "checkpoints" / f"{task_name}-{name}-{lr:g}.pt"),
+                )
+                for name in dims
+                for lr in cfg.lrs
+            }
+            runs = {key: job.result() for key, job in jobs.items()}
+            best = {}
+            for name in dims:
+                ok = [runs[(name, lr)] for lr in cfg.lrs if runs[(name, lr)]["failure"] is None]
+                if ok:
+                    best[name] = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))["lr"]
+            eval_x = task.quick_eval_x if cfg.quick else task.eval_x
+            evals = {
+                name: pool.submit(
+                    eval_run,
+                    task_name,
+                    name,
+                    dims[name][0],
+                    cfg,
+                    str(out / "checkpoints" / f"{task_name}-{name}-{lr:g}.pt"),
+                    eval_x,
+                )
+                for name, lr in best.items()
+            }
+            results["tasks"][task_name] = dict(
+                x_label=task.x_label,
+                eval_x=list(eval_x),
+                chance=task.make(task.train_x[0]).chance,
+                runs=[runs[key] | {"best": best.get(key[0]) == key[1]} for key in runs],
+                evals={name: job.result()["points"] for name, job in evals.items()},
+                unavailable=missing,
+            )
+    return results
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))

@@ -1,0 +1,88 @@
+"""The tasks of ``memgpt compare``: what each contender trains on and where it is evaluated.
+
+Every task trains on short samples (the answers 1-8 segments after what they need) and is
+evaluated far beyond them, on samples streamed segment by segment:
+
+- ``recall``: :class:`~memgpt.tasks.RecallTask`, 4 key-value pairs in segment 0, the keys
+  queried ``d`` segments later; evaluated at ``d`` = 1 ... 1,024 segments;
+- ``passkey``: :class:`~memgpt.tasks.PasskeyTask`, a 4-digit passkey in segment 0 asked for
+  ``d`` segments later; evaluated on haystacks of 1k ... 1M tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...tasks import PasskeyTask, RecallTask, TaskBatch
+
+__all__ = ["SuiteTask", "TASKS", "segments_of"]
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """``make(x)``: the task instance whose samples put the answers at evaluation point ``x``
+    (a distance in segments, or a haystack length in tokens); ``train_x``: the points sampled
+    uniformly per training batch; ``eval_x``: the evaluation points; ``x_label``: what x is."""
+
+    name: str
+    make: Callable[[int], RecallTask | PasskeyTask]
+    train_x: tuple[int, ...]
+    eval_x: tuple[int, ...]
+    quick_eval_x: tuple[int, ...]
+    x_label: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.make(self.train_x[0]).vocab_size
+
+    def segments(self, x: int) -> int:
+        task = self.make(x)
+        return task.seq_len // task.segment_len
+
+
+def segments_of(
+    task: RecallTask | PasskeyTask, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(ids (b T), targets (b T)) for each segment of a sample of ``task``; streamed without
+    materialising the sample when the task can (``task.segments``)."""
+    stream = getattr(task, "segments", None)
+    if stream is not None:
+        yield from stream(batch_size, generator)
+        return
+    batch: TaskBatch = task.sample(batch_size, generator)
+    T = batch.segment_len
+    for s in range(0, batch.input_ids.shape[1], T):
+        yield batch.input_ids[:, s : s + T], batch.targets[:, s : s + T]
+
+
+SEGMENT_LEN = 16
+TRAIN_DISTANCES = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _passkey_for_tokens(tokens: int) -> PasskeyTask:
+    # a haystack of ``tokens`` tokens: the passkey in segment 0, the question in the last one
+    return PasskeyTask(segment_len=SEGMENT_LEN, distance=max(1, tokens // SEGMENT_LEN - 1))
+
+
+TASKS: dict[str, SuiteTask] = {
+    "recall": SuiteTask(
+        name="recall",
+        make=lambda d: RecallTask(segment_len=SEGMENT_LEN, distance=d),
+        train_x=TRAIN_DISTANCES,
+        eval_x=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        quick_eval_x=(1, 4, 16),
+        x_label="distance (segments of 16 tokens)",
+    ),
+    "passkey": SuiteTask(
+        name="passkey",
+        make=lambda tokens: _passkey_for_tokens(tokens),
+        train_x=tuple((d + 1) * SEGMENT_LEN for d in TRAIN_DISTANCES),
+        eval_x=(1024, 4096, 16384, 65536, 262144, 1048576),
+        quick_eval_x=(64, 256),
+        x_label="haystack length (tokens)",
+    ),
+}
