@@ -1,4 +1,11 @@
-"""What every synthetic task yields: token ids, answer targets, and where the segments are."""
+"""What every synthetic task yields: token ids, answer targets, and where the segments are.
+
+Shapes: ``b`` batch, ``L`` the whole sample (``seq_len``), ``T`` one segment (``segment_len``).
+The segmented tasks (recall, MQAR, passkey) draw from their generator in one order: first the
+sample's secrets (keys, values, positions, digits), then the filler one segment at a time with
+:func:`filler_segment`. ``sample()`` and ``segments()`` therefore give the same tokens from the
+same generator state, and ``segments()`` never holds more than one segment of filler.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "IGNORE_INDEX", "positive"]
+__all__ = ["TaskBatch", "IGNORE_INDEX", "positive", "filler_segment", "no_targets"]
 
 IGNORE_INDEX = -100  # targets that carry no loss (cross_entropy's default ignore_index)
 
@@ -31,6 +38,16 @@ class TaskBatch:
 
     def to(self, device: torch.device | str) -> TaskBatch:
         return TaskBatch(self.input_ids.to(device), self.targets.to(device), self.segment_len, self.query_segment)
+
+
+def filler_segment(batch_size: int, segment_len: int, num_filler: int, generator: torch.Generator) -> Tensor:
+    """(b T) int64 filler ids uniform over ``[0, num_filler)``: one segment, one draw."""
+    return torch.randint(0, num_filler, (batch_size, segment_len), generator=generator)
+
+
+def no_targets(batch_size: int, length: int) -> Tensor:
+    """(b length) int64 filled with :data:`IGNORE_INDEX`."""
+    return torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
 
 
 def positive(owner: str, name: str, value: object, minimum: int = 1) -> None:

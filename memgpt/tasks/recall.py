@@ -17,11 +17,13 @@ a MemGPT model spans one segment, so the answer must travel ``d`` segments throu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from .base import IGNORE_INDEX, TaskBatch, positive
+from .base import TaskBatch, filler_segment, no_targets, positive
 
 __all__ = ["RecallTask"]
 
@@ -58,18 +60,50 @@ class RecallTask:
     def chance(self) -> float:
         return 1.0 / self.num_values
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
-        """A batch of ``batch_size`` samples, deterministic given the generator's state."""
-        positive("RecallTask.sample", "batch_size", batch_size)
-        b, P, T, F, K = batch_size, self.num_pairs, self.segment_len, self.num_filler, self.num_keys
-        ids = torch.randint(0, F, (b, self.seq_len), generator=generator)
-        targets = torch.full((b, self.seq_len), IGNORE_INDEX, dtype=torch.long)
-        keys = torch.rand(b, K, generator=generator).argsort(dim=1)[:, :P] + F  # distinct per row
+    def _draw(self, b: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """keys (b P) distinct per row, values (b P), order (b P) the query order: the secrets."""
+        P, F, K = self.num_pairs, self.num_filler, self.num_keys
+        keys = torch.rand(b, K, generator=generator).argsort(dim=1)[:, :P] + F
         values = torch.randint(0, self.num_values, (b, P), generator=generator) + F + K
+        order = torch.rand(b, P, generator=generator).argsort(dim=1)
+        return keys, values, order
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """A batch of ``batch_size`` samples, deterministic given the generator's state:
+        input_ids and targets ``(b L)``, ``L = (d+1) T``."""
+        positive("RecallTask.sample", "batch_size", batch_size)
+        b, P, T, d = batch_size, self.num_pairs, self.segment_len, self.distance
+        keys, values, order = self._draw(b, generator)
+        ids = torch.cat([filler_segment(b, T, self.num_filler, generator) for _ in range(d + 1)], dim=1)
+        targets = no_targets(b, self.seq_len)
         ids[:, 0 : 2 * P : 2] = keys
         ids[:, 1 : 2 * P : 2] = values
-        order = torch.rand(b, P, generator=generator).argsort(dim=1)
-        q0 = self.distance * T
+        q0 = d * T
         ids[:, q0 : q0 + P] = keys.gather(1, order)
         targets[:, q0 : q0 + P] = values.gather(1, order)
-        return TaskBatch(ids, targets, T, self.distance)
+        return TaskBatch(ids, targets, T, d)
+
+    def segments(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """The sample that :meth:`sample` would draw from this generator state, as ``d + 1``
+        pairs (ids (b T), targets (b T)), one segment at a time.
+
+        The secrets are drawn now, the filler of each segment as the iterator reaches it: do not
+        draw from ``generator`` elsewhere until the iterator is exhausted.
+        """
+        positive("RecallTask.segments", "batch_size", batch_size)
+        keys, values, order = self._draw(batch_size, generator)
+        return self._stream(batch_size, keys, values, order, generator)
+
+    def _stream(
+        self, b: int, keys: Tensor, values: Tensor, order: Tensor, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        P, T = self.num_pairs, self.segment_len
+        for s in range(self.distance + 1):
+            ids, targets = filler_segment(b, T, self.num_filler, generator), no_targets(b, T)
+            if s == 0:
+                ids[:, 0 : 2 * P : 2] = keys
+                ids[:, 1 : 2 * P : 2] = values
+            if s == self.distance:
+                ids[:, :P] = keys.gather(1, order)
+                targets[:, :P] = values.gather(1, order)
+            yield ids, targets

@@ -54,6 +54,47 @@ def test_deterministic_by_seed():
     assert not torch.equal(a.input_ids, c.input_ids)
 
 
+def streamed(task: RecallTask, b: int, generator: torch.Generator):
+    segs = list(task.segments(b, generator))
+    assert all(ids.shape == tgt.shape == (b, task.segment_len) for ids, tgt in segs)
+    return torch.cat([s[0] for s in segs], dim=1), torch.cat([s[1] for s in segs], dim=1)
+
+
+@pytest.mark.parametrize(
+    "task", [RecallTask(), RecallTask(num_pairs=3, segment_len=7, distance=4, num_keys=5), RecallTask(distance=1)]
+)
+@pytest.mark.parametrize("b", [1, 6])
+def test_segments_stream_the_sample(task, b):
+    g_whole, g_stream = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    batch = task.sample(b, g_whole)
+    ids, tgt = streamed(task, b, g_stream)
+    torch.testing.assert_close(ids, batch.input_ids, rtol=0, atol=0)
+    torch.testing.assert_close(tgt, batch.targets, rtol=0, atol=0)
+    assert torch.equal(g_whole.get_state(), g_stream.get_state())  # the same draws, in the same order
+
+
+def test_far_distance_1024():
+    """d = 1,024 segments (16,400 tokens at T = 16): the recipe holds, and streaming equals sampling."""
+    task = RecallTask(distance=1024)
+    batch = task.sample(4, torch.Generator().manual_seed(2))
+    assert batch.input_ids.shape == (4, 1025 * 16) and batch.query_segment == 1024
+    q0, P = 1024 * 16, task.num_pairs
+    keys, values = batch.input_ids[:, 0 : 2 * P : 2], batch.input_ids[:, 1 : 2 * P : 2]
+    assert torch.equal(batch.input_ids[:, q0 : q0 + P].sort(dim=1).values, keys.sort(dim=1).values)
+    for row in range(4):
+        pairs = dict(zip(keys[row].tolist(), values[row].tolist()))
+        assert [pairs[k] for k in batch.input_ids[row, q0 : q0 + P].tolist()] == batch.targets[row, q0:].tolist()[:P]
+    assert int(batch.answer_mask.sum()) == 4 * P and (batch.input_ids[:, 2 * P : q0] < task.num_filler).all()
+    ids, tgt = streamed(task, 4, torch.Generator().manual_seed(2))
+    assert torch.equal(ids, batch.input_ids) and torch.equal(tgt, batch.targets)
+
+
+@pytest.mark.parametrize("method", ["sample", "segments"])
+def test_bad_batch_size(method):
+    with pytest.raises(ValueError, match=rf"RecallTask.{method}.batch_size must be >= 1, got 0"):
+        getattr(RecallTask(), method)(0, torch.Generator())  # segments checks at the call, not at next()
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
