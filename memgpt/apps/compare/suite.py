@@ -5,6 +5,9 @@ evaluated far beyond them, on samples streamed segment by segment:
 
 - ``recall``: :class:`~memgpt.tasks.RecallTask`, 4 key-value pairs in segment 0, the keys
   queried ``d`` segments later; evaluated at ``d`` = 1 ... 1,024 segments;
+- ``mqar``: :class:`~memgpt.tasks.MQARTask`, 16 key-value pairs over the first 2 segments, each
+  key asked once in the 2 query segments that follow a gap of ``g`` filler segments (trained at
+  ``g`` = 0 ... 4); evaluated at ``g`` = 1 ... 256;
 - ``passkey``: :class:`~memgpt.tasks.PasskeyTask`, a 4-digit passkey in segment 0 asked for
   ``d`` segments later; evaluated on haystacks of 1k ... 1M tokens.
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...tasks import PasskeyTask, RecallTask, TaskBatch
+from ...tasks import MQARTask, PasskeyTask, RecallTask, TaskBatch
 
 __all__ = ["SuiteTask", "TASKS", "segments_of"]
 
@@ -29,7 +32,7 @@ class SuiteTask:
     uniformly per training batch; ``eval_x``: the evaluation points; ``x_label``: what x is."""
 
     name: str
-    make: Callable[[int], RecallTask | PasskeyTask]
+    make: Callable[[int], RecallTask | PasskeyTask | MQARTask]
     train_x: tuple[int, ...]
     eval_x: tuple[int, ...]
     quick_eval_x: tuple[int, ...]
@@ -45,7 +48,7 @@ class SuiteTask:
 
 
 def segments_of(
-    task: RecallTask | PasskeyTask, batch_size: int, generator: torch.Generator
+    task: RecallTask | PasskeyTask | MQARTask, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(ids (b T), targets (b T)) for each segment of a sample of ``task``; streamed without
     materialising the sample when the task can (``task.segments``)."""
@@ -63,11 +66,6 @@ SEGMENT_LEN = 16
 TRAIN_DISTANCES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
-def _passkey_for_tokens(tokens: int) -> PasskeyTask:
-    # a haystack of ``tokens`` tokens: the passkey in segment 0, the question in the last one
-    return PasskeyTask(segment_len=SEGMENT_LEN, distance=max(1, tokens // SEGMENT_LEN - 1))
-
-
 TASKS: dict[str, SuiteTask] = {
     "recall": SuiteTask(
         name="recall",
@@ -77,9 +75,19 @@ TASKS: dict[str, SuiteTask] = {
         quick_eval_x=(1, 4, 16),
         x_label="distance (segments of 16 tokens)",
     ),
+    "mqar": SuiteTask(
+        name="mqar",
+        make=lambda gap: MQARTask(
+            num_pairs=16, num_keys=64, num_values=64, segment_len=SEGMENT_LEN, num_query_segments=2, distance=gap
+        ),
+        train_x=(0, 1, 2, 3, 4),
+        eval_x=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        quick_eval_x=(1, 4),
+        x_label="gap between pairs and queries (segments of 16 tokens)",
+    ),
     "passkey": SuiteTask(
         name="passkey",
-        make=lambda tokens: _passkey_for_tokens(tokens),
+        make=lambda tokens: PasskeyTask.for_length(tokens, segment_len=SEGMENT_LEN),
         train_x=tuple((d + 1) * SEGMENT_LEN for d in TRAIN_DISTANCES),
         eval_x=(1024, 4096, 16384, 65536, 262144, 1048576),
         quick_eval_x=(64, 256),
