@@ -63,9 +63,9 @@ class CompareConfig:
 
 def builders() -> dict[str, Builder]:
     """Every contender by name: ours first, then the peers (whose packages may be missing)."""
-    from . import peers  # TEMPORARY until the registry lands
+    from .peers import PEERS
 
-    return OURS | getattr(peers, "PEERS", {})
+    return OURS | PEERS
 
 
 def match_widths(cfg: CompareConfig, task: SuiteTask, names: list[str]) -> tuple[dict, dict[str, str]]:
