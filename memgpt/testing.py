@@ -19,18 +19,27 @@ The tolerances are set from first principles, never after a test went red:
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCES", "tolerance", "assert_close_dtype", "assert_close_to_ref", "canonical_memory"]
+__all__ = ["TOLERANCES", "Tolerance", "tolerance", "assert_close_dtype", "assert_close_to_ref", "canonical_memory"]
 
 
-def _eps_times(dtype: torch.dtype, factor: float) -> dict[str, float]:
+class Tolerance(TypedDict):
+    """The keyword arguments of ``torch.testing.assert_close`` that set its tolerance."""
+
+    rtol: float
+    atol: float
+
+
+def _eps_times(dtype: torch.dtype, factor: float) -> Tolerance:
     eps = torch.finfo(dtype).eps
-    return dict(rtol=factor * eps, atol=factor * eps)
+    return Tolerance(rtol=factor * eps, atol=factor * eps)
 
 
-TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: _eps_times(torch.float64, 2**8),  # ~5.7e-14
     torch.float32: _eps_times(torch.float32, 2**8),  # ~3.1e-5
     torch.bfloat16: _eps_times(torch.bfloat16, 2),  # ~1.6e-2
@@ -38,13 +47,13 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 }
 
 
-def tolerance(dtype: torch.dtype) -> dict[str, float]:
+def tolerance(dtype: torch.dtype) -> Tolerance:
     """``dict(rtol=..., atol=...)`` for ``dtype``; exact (zeros) for integer and bool dtypes."""
     if not dtype.is_floating_point:
-        return dict(rtol=0.0, atol=0.0)
+        return Tolerance(rtol=0.0, atol=0.0)
     if dtype not in TOLERANCES:
         raise ValueError(f"no tolerance for dtype {dtype}; known: {sorted(map(str, TOLERANCES))}")
-    return dict(TOLERANCES[dtype])
+    return TOLERANCES[dtype].copy()
 
 
 def assert_close_dtype(actual: Tensor, expected: Tensor, *, msg: str | None = None) -> None:

@@ -125,7 +125,6 @@ def stream_bits(
     model.eval()
     device = next(model.parameters()).device
     T = model.config.segment_len
-    out: list[Tensor | None] = [None] * len(files)
     if kind == "baseline":
         segs, owners = [], []
         for i, ids in enumerate(files):
@@ -134,16 +133,17 @@ def stream_bits(
                 owners.append(i)
         pieces: list[list[Tensor]] = [[] for _ in files]
         for b0 in range(0, len(segs), 16 * batch_size):
-            chunk = segs[b0 : b0 + 16 * batch_size]
-            ids, mask = _pad([c[:-1] for c in chunk], T), _pad([torch.ones(len(c) - 1) for c in chunk], T).bool()
-            tgt = _pad([c[1:] for c in chunk], T)
+            group = segs[b0 : b0 + 16 * batch_size]
+            ids, mask = _pad([c[:-1] for c in group], T), _pad([torch.ones(len(c) - 1) for c in group], T).bool()
+            tgt = _pad([c[1:] for c in group], T)
             bits = _bits(model(ids.to(device), attention_mask=mask.to(device)).logits, tgt.to(device)).cpu()
-            for r, c in enumerate(chunk):
+            for r, c in enumerate(group):
                 pieces[owners[b0 + r]].append(bits[r, : len(c) - 1])
         return [torch.cat(p) if p else torch.zeros(0) for p in pieces]
     if kind != "memory":
         raise ValueError(f"unknown kind {kind!r}: expected one of {KINDS}")
     chunk_len = chunk or 8 * T
+    out: dict[int, Tensor] = {}
     order = sorted(range(len(files)), key=lambda i: len(files[i]))  # similar lengths share a batch
     for b0 in range(0, len(order), batch_size):
         rows = order[b0 : b0 + batch_size]
@@ -151,18 +151,18 @@ def stream_bits(
         width = int(lengths.max())
         inputs = _pad([files[i][:-1].long() for i in rows], width)
         targets = _pad([files[i][1:].long() for i in rows], width)
-        state, bits = None, []
+        state, row_bits = None, []
         for s in range(0, width, chunk_len):
             cols = torch.arange(s, min(s + chunk_len, width))
             mask = (cols[None, :] < lengths[:, None]).to(device)
             # no_grad and the old state is never used again: let the writes go into it in place
             o = model(inputs[:, cols].to(device), state, attention_mask=mask, donate_state=True)
             state = o.state
-            bits.append(_bits(o.logits, targets[:, cols].to(device)).cpu())
-        bits = torch.cat(bits, dim=1)
+            row_bits.append(_bits(o.logits, targets[:, cols].to(device)).cpu())
+        bits = torch.cat(row_bits, dim=1)
         for r, i in enumerate(rows):
             out[i] = bits[r, : int(lengths[r])]
-    return out  # type: ignore[return-value]
+    return [out[i] for i in range(len(files))]  # order covers every file
 
 
 def _pad(rows: list[Tensor], width: int) -> Tensor:

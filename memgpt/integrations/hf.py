@@ -28,7 +28,7 @@ import contextvars
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -188,8 +188,9 @@ class MemoryModel(nn.Module):
         """Empty stores for ``batch_size`` rows, each on its memory layer's device and dtype."""
         states = []
         for i in self.after:
-            p = next(self.memories[str(i)].parameters())
-            states.append(self.memories[str(i)].empty_state(batch_size, device=p.device, dtype=p.dtype))
+            memory = cast(ResidualMemory, self.memories[str(i)])  # what __init__ put there; ModuleDict is untyped
+            p = next(memory.parameters())
+            states.append(memory.empty_state(batch_size, device=p.device, dtype=p.dtype))
         return MemoryStates(tuple(states))
 
     def memory_parameters(self):

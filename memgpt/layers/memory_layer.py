@@ -105,7 +105,8 @@ class MemoryLayer(nn.Module):
 
     def write(self, x: Tensor, state: MemoryState, mask: Tensor | None = None, *, inplace: bool = False) -> MemoryState:
         """Write the tokens of x (b n d) where mask (b n) is True (``inplace``: see :meth:`store`)."""
-        return self.store(*self.writer(x), state, mask=mask, inplace=inplace)
+        keys, values, strength = self.writer(x)
+        return self.store(keys, values, strength, state, mask=mask, inplace=inplace)
 
     def store(
         self,

@@ -84,6 +84,8 @@ class SoftmaxReader(nn.Module):
         check_input("x", x, self.dim)
         q = rearrange(self.query_proj(x), "b n (h e) -> b h n e", h=self.heads)
         if self.qk_norm:
+            if self.log_scale is None:  # made with qk_norm=False, the flag set afterwards
+                raise RuntimeError("this SoftmaxReader has no log_scale: construct it with qk_norm=True")
             q = _wide(q)
             q = F.normalize(q, dim=-1) * self.log_scale.exp()[:, None, None].to(q.dtype)
         return q.to(state.dtype)

@@ -185,7 +185,8 @@ def _select_top_k(q: Tensor, keys: Tensor, bias: Tensor, scale: float, k: int) -
     b, h, n, dk = q.shape
     m = keys.shape[2]
     qf = q.reshape(b * h, n, dk) * scale
-    best = best_idx = None
+    best: Tensor | None = None
+    best_idx: Tensor | None = None
     for start in range(0, m, TOP_K_CHUNK):
         stop = min(start + TOP_K_CHUNK, m)
         chunk_keys = keys[:, :, start:stop].reshape(b * h, stop - start, dk)
@@ -193,11 +194,12 @@ def _select_top_k(q: Tensor, keys: Tensor, bias: Tensor, scale: float, k: int) -
         scores += bias[:, :, start:stop].reshape(b * h, 1, stop - start)
         top, idx = _chunk_top_k(scores, k)
         idx = idx + start
-        if best is not None:
+        if best is not None and best_idx is not None:  # set together
             top = torch.cat([best, top], dim=-1)
             top, pos = top.topk(min(k, top.shape[-1]), dim=-1, sorted=False)
             idx = torch.cat([best_idx, idx], dim=-1).gather(-1, pos)
         best, best_idx = top, idx
+    assert best is not None and best_idx is not None  # m >= 1 (MemoryState.validate): the loop ran
     return best.reshape(b, h, n, -1), best_idx.reshape(b, h, n, -1)
 
 

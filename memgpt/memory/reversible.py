@@ -267,8 +267,8 @@ def logged_read(q: Tensor, state: MemoryState, fn: Callable[[Tensor, MemoryState
     (``split.backward(saved, state, grad_out) -> (dq, dkeys, dvalues, dstrength)``); without it
     backward recomputes ``fn`` under autograd.
     """
-    log: StoreLog = state._log
-    _check_at_version(state)
+    log = _log_of(state, "logged_read")
+    _check_at_version(state, log)
     out, token = _LoggedRead.apply(log, log.token, q, state, fn, split)
     log.advance(token)
     return out
@@ -342,8 +342,8 @@ def logged_write(
     """
     if state._log is None:
         state = _start(state, copy=True)
-    log: StoreLog = state._log
-    _check_at_version(state)
+    log = _log_of(state, "logged_write")
+    _check_at_version(state, log)
     result: list[MemoryState] = []
     token = _LoggedWrite.apply(log, log.token, keys, values, g, slot, src, lambda: result.append(apply(state)))
     log.advance(token)
@@ -352,11 +352,18 @@ def logged_write(
 
 def carry_log(old: MemoryState, new: MemoryState) -> MemoryState:
     """``new`` (``old`` with only usage/step/count replaced, sharing the logged tensors) joins old's log."""
-    return new if old._log is None else _attach(new, old._log)
+    return new if old._log is None else _attach(new, _log_of(old, "carry_log"))
 
 
-def _check_at_version(state: MemoryState) -> None:
-    log: StoreLog = state._log
+def _log_of(state: MemoryState, caller: str) -> StoreLog:
+    """The write log of ``state`` (a logged store), or RuntimeError if it has none."""
+    log = state._log
+    if not isinstance(log, StoreLog):
+        raise RuntimeError(f"{caller} needs a memory state written in place under autograd (see start_log)")
+    return log
+
+
+def _check_at_version(state: MemoryState, log: StoreLog) -> None:
     if state._version != log.current or log.current != log.latest:
         raise RuntimeError(
             f"this logged memory state is at version {state._version} but its store holds version "

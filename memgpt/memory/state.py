@@ -15,11 +15,19 @@ rank 0 and overwrite each rank's memory).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = ["MemoryState", "metadata_dtype"]
+
+
+class _WriteLog(Protocol):
+    """What a state itself uses of its write log, a :class:`memgpt.memory.reversible.StoreLog`
+    (named by its shape here: that module imports this one)."""
+
+    token: Tensor | None
 
 
 def metadata_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,7 +70,7 @@ class MemoryState:
     _donated = False
     # Set (on the instance) for a store written in place under autograd: its write log and the
     # version of it this state is (see memgpt.memory.reversible); not fields.
-    _log = None
+    _log: ClassVar[_WriteLog | None] = None
     _version = 0
 
     def __post_init__(self) -> None:

@@ -150,7 +150,7 @@ class MemGPTBlock(nn.Module):
         """(b w s) bool: query i may attend key j (s = w, or T + w with the buffer in front)."""
         if view is None and mask is None:
             return None  # plain causal: SDPA's is_causal fast path
-        if view is None and not torch.compiler.is_compiling() and bool(mask.all()):
+        if view is None and mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             return None  # the same, found by a host check (a data-dependent branch breaks fullgraph compiles)
         device = present.device
         start = 0 if view is None else view.start
@@ -201,6 +201,7 @@ class MemGPTBlock(nn.Module):
         q, k, v = self.attn.project(self.attn_norm(x))
         allowed = self._attention_mask(view, present, w, mask)
         if view is not None and view.cached:
+            assert buffer is not None  # streaming: checked on entry
             keys = torch.cat([buffer.attn_keys.to(k.dtype), k], dim=2)
             values = torch.cat([buffer.attn_values.to(v.dtype), v], dim=2)
         else:
@@ -215,6 +216,7 @@ class MemGPTBlock(nn.Module):
         if view is None:
             memory = self.memory.store(new_keys, new_values, new_strength, memory, mask=present, inplace=inplace_memory)
         else:
+            assert buffer is not None  # streaming: checked on entry
             start = view.start
             buffer = SegmentBuffer(
                 attn_keys=_place(buffer.attn_keys, k, present, start),

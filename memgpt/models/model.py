@@ -11,6 +11,7 @@ attended to and never written, so a padded row computes exactly what it would al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -85,13 +86,14 @@ class MemGPTModel(nn.Module):
         self.shift_emb = nn.Embedding(c.vocab_size + 1, c.dim) if c.token_shift else None
         self.pos_emb = nn.Embedding(c.segment_len, c.dim)  # position within the segment
         self.emb_dropout = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
+        blocks = [
             MemGPTBlock(c.dim, c.heads, memory_layer(c), ffn_dim=c.ffn_dim, dropout=c.dropout) for _ in range(c.depth)
-        )
+        ]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(c.dim)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.apply(self._init_weights)
-        for block in self.blocks:
+        for block in blocks:
             block.memory.fusion.reset_parameters()  # its own documented initialisation
         if c.tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
@@ -115,6 +117,10 @@ class MemGPTModel(nn.Module):
         return f"segment_len={self.config.segment_len}, memory_capacity={self.config.memory_capacity}"
 
     # ------------------------------------------------------------------ state
+    def _block(self, i: int) -> MemGPTBlock:
+        """Block ``i``, typed (an ``nn.ModuleList`` is not): the MemGPTBlocks built in ``__init__``."""
+        return cast(MemGPTBlock, self.blocks[i])
+
     @property
     def _param(self) -> Tensor:
         return self.token_emb.weight
@@ -126,7 +132,9 @@ class MemGPTModel(nn.Module):
         device = device if device is not None else self._param.device
         dtype = dtype if dtype is not None else self._param.dtype
         T = self.config.segment_len
-        layers = tuple(blk.empty_state(batch_size, T, device=device, dtype=dtype) for blk in self.blocks)
+        layers = tuple(
+            self._block(i).empty_state(batch_size, T, device=device, dtype=dtype) for i in range(len(self.blocks))
+        )
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return MemGPTState(layers, zeros, zeros.clone())
 
@@ -144,7 +152,7 @@ class MemGPTModel(nn.Module):
         reference = self.empty_state(1, device="meta", dtype=p.dtype).layers[0]
         for i, layer in enumerate(state.layers):
             what = f"state layer {i}"
-            self.blocks[i].memory.check_state(layer.memory, batch_size, p.device)
+            self._block(i).memory.check_state(layer.memory, batch_size, p.device)
             if layer.memory.dtype != p.dtype:
                 raise TypeError(f"{what}: memory dtype {layer.memory.dtype}, the model computes in {p.dtype}")
             for name in ("attn_keys", "attn_values", "keys", "values", "strength"):
@@ -262,10 +270,10 @@ class MemGPTModel(nn.Module):
                 cached=bool(filled.any()),
                 flushing=bool(flush.any()),
             )
-            cols = slice(r * T + lo, r * T + hi)
-            x = self.token_emb(grid_ids[:, cols]) + self.pos_emb(torch.arange(lo, hi, device=device))
+            slab = slice(r * T + lo, r * T + hi)
+            x = self.token_emb(grid_ids[:, slab]) + self.pos_emb(torch.arange(lo, hi, device=device))
             if self.shift_emb is not None:
-                x = x + self.shift_emb(grid_prev[:, cols])
+                x = x + self.shift_emb(grid_prev[:, slab])
             x = self.emb_dropout(x)
             for i, block in enumerate(self.blocks):
                 x, layer_states[i] = block(x, layer_states[i], view=view, inplace_memory=donate_state)

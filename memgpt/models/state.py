@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,14 @@ from .config import MemGPTConfig
 from .state_file import STATE_FORMAT, STATE_VERSION, config_of, read_state_file, write_state_file
 
 __all__ = ["MemGPTState", "STATE_FORMAT", "STATE_VERSION"]
+
+
+@runtime_checkable
+class _ChecksState(Protocol):
+    """What :meth:`MemGPTState.load` calls on a model: ``MemGPTModel.check_state`` (named by its
+    shape here: memgpt.models.model imports this module)."""
+
+    def check_state(self, state: MemGPTState, batch_size: int) -> None: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +194,8 @@ class MemGPTState:
         if map_location is not None:
             state = state.to(map_location)
         if param is not None and state.position.device == param.device:
+            if not isinstance(model, _ChecksState):
+                raise TypeError(f"model must be a MemGPTModel or a MemGPTConfig, got {type(model).__name__}")
             try:  # everything it checks is checked above already; kept so the two can never disagree
                 model.check_state(state, header["batch_size"])
             except (TypeError, ValueError) as e:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import uuid
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..memory.state import metadata_dtype
 from .config import MemGPTConfig
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "STATE_FORMAT",
@@ -108,7 +112,7 @@ def state_spec(config: dict, batch_size: int, dtype: torch.dtype) -> dict[str, t
     b, T, meta, long = batch_size, config["segment_len"], metadata_dtype(dtype), torch.long
     h, m, dk, dv = (config[k] for k in ("memory_heads", "memory_capacity", "key_dim", "value_dim"))
     ah, ad = config["heads"], config["dim"] // config["heads"]
-    spec = {"position": ((b,), long), "previous": ((b,), long)}
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"position": ((b,), long), "previous": ((b,), long)}
     for i in range(config["depth"]):
         p = f"layers.{i}."
         spec |= {
@@ -134,7 +138,9 @@ def _digest(header: dict, tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # every dtype here is 1, 2, 4 or 8 bytes wide
+        # every dtype here is 1, 2, 4 or 8 bytes wide. The cast: an ndarray is a buffer, but numpy's
+        # stubs declare its __buffer__ for Python >= 3.12 only.
+        h.update(cast("Buffer", t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -167,16 +173,15 @@ def write_state_file(
         {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
         state_spec(settings, batch_size, dtype),
     )
-    config = settings
     header = {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
         "library_version": __version__,
         "batch_size": batch_size,
         "dtype": str(dtype).removeprefix("torch."),
-        "config": config,
-        "layers": [[config["memory_heads"], config["memory_capacity"], config["key_dim"], config["value_dim"]]]
-        * config["depth"],
+        "config": settings,
+        "layers": [[settings["memory_heads"], settings["memory_capacity"], settings["key_dim"], settings["value_dim"]]]
+        * settings["depth"],
     }
     header["sha256"] = _digest(header, tensors)
 
@@ -307,12 +312,13 @@ def read_state_file(
         )
     _check_values(where, tensors, settings)
     # Integrity first, then compatibility: a corrupt file is reported as corrupt, not as "another model".
-    for key in STATE_CONFIG_KEYS if want is not None else ():
-        if want[key] != settings[key]:
-            raise ValueError(
-                f"{where} was saved for another model: {key} expected {want[key]!r} (the model), "
-                f"got {settings[key]!r} (the file)"
-            )
+    if want is not None:
+        for key in STATE_CONFIG_KEYS:
+            if want[key] != settings[key]:
+                raise ValueError(
+                    f"{where} was saved for another model: {key} expected {want[key]!r} (the model), "
+                    f"got {settings[key]!r} (the file)"
+                )
     if dtype is not None and stored != dtype:
         raise ValueError(f"{where} holds a {stored} state, the model computes in {dtype}")
     return tensors, header | {"config": settings}

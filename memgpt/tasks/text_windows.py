@@ -115,18 +115,12 @@ class TextWindowTask:
             or not (0.0 <= self.repeat_prob <= 1.0)
         ):
             raise ValueError(f"TextWindowTask.repeat_prob must be a float in [0, 1], got {self.repeat_prob!r}")
-        self.repeat_len = tuple(self.repeat_len)
-        if self.repeat_distance is None:
-            self.repeat_distance = (self.segment_len, self.seq_len)
-        self.repeat_distance = tuple(self.repeat_distance)
-        for name in ("repeat_len", "repeat_distance"):
-            lo_hi = getattr(self, name)
-            if (
-                len(lo_hi) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi)
-                or not (1 <= lo_hi[0] <= lo_hi[1])
-            ):
-                raise ValueError(f"TextWindowTask.{name} must be two ints 1 <= min <= max, got {lo_hi!r}")
+        repeat_len = tuple(self.repeat_len)
+        repeat_distance = tuple(
+            (self.segment_len, self.seq_len) if self.repeat_distance is None else self.repeat_distance
+        )
+        self.repeat_len = _int_pair("repeat_len", repeat_len)
+        self.repeat_distance = _int_pair("repeat_distance", repeat_distance)
         corpus = StdlibCorpus.scan(self.root)
         self.files = [ids for _, ids in corpus.load(self.split)]
 
@@ -143,6 +137,8 @@ class TextWindowTask:
         positive("TextWindowTask.sample", "batch_size", batch_size)
         windows = sample_windows(self.files, self.seq_len + 1, batch_size, generator)
         if self.repeat_prob:
+            if self.repeat_distance is None:  # __post_init__ set it; only a later assignment can undo that
+                raise TypeError("TextWindowTask.repeat_distance must be two ints (min, max), got None")
             (lo, hi), (dlo, dhi) = self.repeat_len, self.repeat_distance
             windows = insert_repeats(
                 windows,
@@ -154,6 +150,16 @@ class TextWindowTask:
                 generator=generator,
             )
         return TaskBatch(windows[:, :-1], windows[:, 1:].contiguous(), self.segment_len, self.segments - 1)
+
+
+def _int_pair(name: str, lo_hi: tuple[object, ...]) -> tuple[int, int]:
+    """``lo_hi`` as ``(min, max)``, two ints with ``1 <= min <= max``, or ValueError naming the field."""
+    if len(lo_hi) == 2:
+        lo, hi = lo_hi
+        if isinstance(lo, int) and not isinstance(lo, bool) and isinstance(hi, int) and not isinstance(hi, bool):
+            if 1 <= lo <= hi:
+                return lo, hi
+    raise ValueError(f"TextWindowTask.{name} must be two ints 1 <= min <= max, got {lo_hi!r}")
 
 
 def far_copyable_mask(ids: Tensor, *, context: int = 16, distance: int = 128) -> Tensor:

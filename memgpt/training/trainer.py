@@ -317,11 +317,11 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         correct, total = answer_accuracy(logits, local.targets)
-        loss, correct, total = all_reduce_sum([float(loss), correct, total], self.device)
+        loss_sum, correct_sum, total_sum = all_reduce_sum([float(loss), correct, total], self.device)
         return {
             "step": self.step,
-            "loss": loss / self.world.size,
-            "acc": correct / max(total, 1),
+            "loss": loss_sum / self.world.size,
+            "acc": correct_sum / max(total_sum, 1),
             "tokens": batch.input_ids.numel(),
         }
 
