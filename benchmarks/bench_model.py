@@ -388,7 +388,7 @@ def main() -> None:
     if "compile" in sections:
         # Cold compiles: a fresh inductor cache for this run. A warm cache would report a fraction
         # of the compile time, and on torch 2.13 a warm AOTAutograd cache hit breaks the compiled
-        # block when a state is passed in (garbage view sizes; benchmarks/RESULTS.md).
+        # block when a state is passed in (garbage view sizes; docs/results/benchmarks.md).
         with tempfile.TemporaryDirectory() as cache:
             saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache

@@ -11,7 +11,7 @@ Curves (fp32, H=8 heads, n=256 queries/tokens, d=64):
 - bytes per slot: every MemoryState field per slot and head against ``heads·(dk+dv)·4``.
 
 Every point is a median over repeated runs (one run for the slowest points), after the ops were
-checked against the reference twins. The plot goes to ``benchmarks/scaling.png`` (``--plot``).
+checked against the reference twins. The plot goes to ``docs/results/scaling.png`` (``--plot``).
 
     python benchmarks/bench_scaling.py --plot       # the full curves (a few minutes)
     python benchmarks/bench_scaling.py --quick      # tiny sizes, seconds (CI)
@@ -126,7 +126,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--plot", action="store_true", help="write benchmarks/scaling.png")
+    parser.add_argument("--plot", action="store_true", help="write docs/results/scaling.png")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
@@ -182,7 +182,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.plot:
-        plot(results, Path(__file__).with_name("scaling.png"))
+        plot(results, Path(__file__).resolve().parent.parent / "docs" / "results" / "scaling.png")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Measure how much inserting memory changes a model before any training (the README's figures).
+"""Measure how much inserting memory changes a model before any training (the figures of docs/how-to/own-model.md).
 
     HF_HUB_OFFLINE=1 python examples/drop_in_identity.py
 

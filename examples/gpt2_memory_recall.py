@@ -1,8 +1,8 @@
 """A small GPT-2 with memory inserted by ``memgpt.integrations.hf``, trained on segmented recall
 against the same GPT-2 without memory.
 
-    python examples/gpt2_memory_recall.py                 # the README's run (about 2 minutes)
-    python examples/gpt2_memory_recall.py --pairs 4       # the harder variant (see the README)
+    python examples/gpt2_memory_recall.py                 # the documented run (about 2 minutes)
+    python examples/gpt2_memory_recall.py --pairs 4       # the harder variant (docs/how-to/hugging-face.md)
     python examples/gpt2_memory_recall.py --quick         # seconds: a pipeline check, not a result
 
 Both models start from one randomly initialised GPT-2 (no pretrained weights ship offline) and
@@ -16,7 +16,7 @@ starts the memory as nearly the identity, which is what a *pretrained* model nee
 prints that change. This GPT-2 is untrained, so there is nothing to preserve, and the memory it
 trains starts with an open gate (``--fusion-bias 0``, an even mix): from a near-identity start an
 untrained GPT-2 did not learn to use its memory within these 400 steps (``--fusion-bias 6``
-reproduces that; README).
+reproduces that; docs/how-to/hugging-face.md).
 
 Printed: the insertion change (relative norm of the logits, before training), then held-out
 accuracy at the query positions for GPT-2 alone, GPT-2 with memory, and GPT-2 with memory

@@ -2,3 +2,4 @@
 the package root (which imports every layer)."""
 
 __version__ = "0.1.0"
+"""The library version (``memgpt.__version__``), recorded in state files."""

@@ -45,6 +45,7 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.bfloat16: _eps_times(torch.bfloat16, 2),  # ~1.6e-2
     torch.float16: _eps_times(torch.float16, 2),  # ~2.0e-3
 }
+"""The one tolerance table: ``rtol``/``atol`` per floating dtype (the module docstring says why)."""
 
 
 def tolerance(dtype: torch.dtype) -> Tolerance:

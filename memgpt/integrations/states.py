@@ -35,6 +35,7 @@ class MemoryStates:
 
     @property
     def batch_size(self) -> int:
+        """``b``, shared by every store (ValueError when there is none)."""
         if not self.memories:
             raise ValueError("MemoryStates holds no memory, so it has no batch size")
         return self.memories[0].batch_size
@@ -56,6 +57,7 @@ class MemoryStates:
         return self._map(MemoryState.detach)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MemoryStates:
+        """Every store moved to ``device`` (and ``dtype``, see :meth:`MemoryState.to`)."""
         return self._map(lambda m: m.to(device, dtype))
 
     def reset_rows(self, mask: Tensor) -> MemoryStates:

@@ -14,8 +14,8 @@ magnitude larger). :class:`ResidualMemory` therefore runs the memory layer on th
 so ``y - h = rms(h) * (1 - lambda) * (r - u)``: the relative change of each token is
 ``(1 - lambda) |r - u| / |u|`` whatever the scale of ``h``. With the drop-in fusion bias
 (:data:`DROP_IN_FUSION_BIAS` = 6, ``lambda`` = 0.9975 at insertion) that is at most about
-0.25 % per inserted layer (``|r| << |u|`` at initialisation; measured figures: README,
-*Drop-in memory*). With an empty memory the read is zero and ``y = lambda * h``.
+0.25 % per inserted layer (``|r| << |u|`` at initialisation; measured figures: docs/how-to/own-model.md,
+*Identity at insertion*). With an empty memory the read is zero and ``y = lambda * h``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = ["DROP_IN_FUSION_BIAS", "drop_in_bias", "drop_in_memory", "ResidualMem
 
 # sigmoid(6) = 0.99753: the fusion keeps 99.75 % of the stream at insertion.
 DROP_IN_FUSION_BIAS = 6.0
+"""Fusion gate bias of one inserted memory layer: ``lambda = sigmoid(6) = 0.9975``, nearly the identity."""
 
 
 def drop_in_bias(layers: int) -> float:
@@ -77,6 +78,7 @@ class ResidualMemory(nn.Module):
 
     @property
     def dim(self) -> int:
+        """``d``, the width of the stream."""
         return self.layer.dim
 
     def extra_repr(self) -> str:
@@ -85,6 +87,7 @@ class ResidualMemory(nn.Module):
     def empty_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> MemoryState:
+        """An empty store for ``batch_size`` rows (see :meth:`MemoryLayer.empty_state`)."""
         return self.layer.empty_state(batch_size, device=device, dtype=dtype)
 
     def forward(
@@ -135,6 +138,7 @@ class WithMemory(nn.Module):
     def empty_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> MemoryState:
+        """An empty store for ``batch_size`` rows of the memory after the block."""
         return self.memory.empty_state(batch_size, device=device, dtype=dtype)
 
     def forward(

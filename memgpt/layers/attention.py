@@ -21,6 +21,7 @@ class KVCache(NamedTuple):
     values: Tensor
 
     def detach(self) -> KVCache:
+        """Cut the autograd graph here."""
         return KVCache(self.keys.detach(), self.values.detach())
 
 

@@ -24,4 +24,5 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (b n d) -> (b n d)."""
         return self.net(x)

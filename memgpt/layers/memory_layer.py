@@ -64,10 +64,12 @@ class MemoryLayer(nn.Module):
 
     @property
     def dim(self) -> int:
+        """``d``, the width of the inputs and outputs."""
         return self.reader.dim
 
     @property
     def heads(self) -> int:
+        """``h``, the memory heads."""
         return self.reader.heads
 
     def extra_repr(self) -> str:
@@ -79,10 +81,13 @@ class MemoryLayer(nn.Module):
     def empty_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> MemoryState:
+        """An empty store for ``batch_size`` rows: keys (b h m dk), values (b h m dv), no valid slot."""
         r = self.reader
         return MemoryState.empty(batch_size, r.heads, self.capacity, r.key_dim, r.value_dim, device=device, dtype=dtype)
 
     def check_state(self, state: MemoryState, batch_size: int, device: torch.device) -> None:
+        """Raise TypeError/ValueError if ``state`` was not made for this layer, ``batch_size`` rows and
+        ``device`` (heads, widths, capacity), or was donated to an in-place write."""
         if not isinstance(state, MemoryState):
             raise TypeError(f"state must be a MemoryState or None, got {type(state).__name__}")
         r = self.reader

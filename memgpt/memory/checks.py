@@ -10,6 +10,8 @@ from .state import MemoryState
 __all__ = ["EVICTION_POLICIES", "check_read_args", "check_write_args", "check_eviction", "resolve_scale"]
 
 EVICTION_POLICIES = ("fifo", "strength", "usage")
+"""The eviction policies a full store can use: ``fifo`` (oldest write first), ``strength`` (smallest
+write gate ``g`` first), ``usage`` (least-read slot first)."""
 
 
 def _fail(message: str, exc: type[Exception] = ValueError) -> None:

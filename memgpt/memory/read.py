@@ -26,6 +26,8 @@ __all__ = ["read", "read_usage", "slot_bias", "TOP_K_CHUNK", "TOP_K_GROUP"]
 
 # Slots scored per step of the running top-k: peak extra memory is O(n * (k + TOP_K_CHUNK)).
 TOP_K_CHUNK = 4096
+"""Slots scored per step of a ``top_k`` read: its peak extra memory is O(n (k + TOP_K_CHUNK)) per
+row and head, whatever the capacity."""
 
 
 def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

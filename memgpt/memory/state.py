@@ -1,6 +1,6 @@
 """The key-value memory store of one memory layer: a plain, typed container of tensors.
 
-Shapes (einops notation, see README): ``b`` batch, ``h`` memory heads, ``m`` slots (capacity),
+Shapes (einops notation, see docs/reference/index.md): ``b`` batch, ``h`` memory heads, ``m`` slots (capacity),
 ``dk``/``dv`` key and value widths.
 
 The store is a *value*: every operation returns a new ``MemoryState`` and never mutates the one
@@ -134,30 +134,37 @@ class MemoryState:
     # ------------------------------------------------------------------ shape accessors
     @property
     def batch_size(self) -> int:
+        """``b``, the rows of the store."""
         return self.keys.shape[0]
 
     @property
     def heads(self) -> int:
+        """``h``, the memory heads."""
         return self.keys.shape[1]
 
     @property
     def capacity(self) -> int:
+        """``m``, the slots per row and head."""
         return self.keys.shape[2]
 
     @property
     def key_dim(self) -> int:
+        """``dk``, the key width."""
         return self.keys.shape[3]
 
     @property
     def value_dim(self) -> int:
+        """``dv``, the value width."""
         return self.values.shape[3]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The storage dtype of keys and values."""
         return self.keys.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of every field."""
         return self.keys.device
 
     # ------------------------------------------------------------------ validation
@@ -263,9 +270,11 @@ class MemoryState:
         return self._map(Tensor.detach)
 
     def clone(self) -> MemoryState:
+        """A copy of every field (raises for a logged store under autograd: ``detach()`` it first)."""
         return self._map(Tensor.clone)
 
     def is_contiguous(self) -> bool:
+        """Whether every field is contiguous."""
         return all(getattr(self, f.name).is_contiguous() for f in fields(self))
 
     def contiguous(self) -> MemoryState:
@@ -331,6 +340,7 @@ class MemoryState:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Tensor]:
+        """The fields by name (the tensors themselves, not copies), e.g. to save them; see :meth:`from_dict`."""
         self.check_live()
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -45,6 +45,8 @@ from .state import MemoryState
 __all__ = ["write", "USAGE_DECAY"]
 
 USAGE_DECAY = 0.9
+"""Default ``usage_decay``: a row's slot usage is multiplied by it once per write that stores
+anything in that row (``eviction="usage"`` only)."""
 
 
 def _fifo_destinations(step_new: Tensor, rank: Tensor, mask: Tensor, n_written: Tensor, m: int) -> Tensor:

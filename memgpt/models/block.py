@@ -34,9 +34,11 @@ __all__ = ["MemGPTBlock", "BlockState", "SegmentBuffer", "SegmentView"]
 class SegmentBuffer:
     """What a block keeps of the current, unfinished segment (T = segment_len positions).
 
-    attn_keys, attn_values: (b h T dh)   self-attention keys/values
-    keys, values:           (b hm T dk), (b hm T dv)  writer outputs waiting for the flush
-    strength:               (b hm T)     their write gates
+    Fields
+        attn_keys, attn_values: (b h T dh)   self-attention keys/values
+        keys, values:           (b hm T dk), (b hm T dv)  writer outputs waiting for the flush
+        strength:               (b hm T)     their write gates
+
     Which positions are filled is not stored here: the model derives it from its token count.
     """
 
@@ -47,6 +49,7 @@ class SegmentBuffer:
     strength: Tensor
 
     def map(self, fn) -> SegmentBuffer:
+        """Apply ``fn`` to every field (each has the batch as its first dimension)."""
         return SegmentBuffer(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
 
@@ -66,12 +69,13 @@ class BlockState:
 class SegmentView(NamedTuple):
     """Where a slab sits in the current segment (built by the model, shared by all blocks).
 
-    start:   first in-segment position of the slab (python int)
-    present: (b w) bool, the slab positions that hold a real token of this call
-    filled:  (b T) bool, positions already fed by earlier calls (their data is in the buffer)
-    flush:   (b,) bool, rows whose segment completes with this slab
-    cached:  python bool, whether any row has filled positions (else the buffer is skipped)
-    flushing: python bool, whether any row flushes (else the memory write is skipped)
+    Fields
+        start:    first in-segment position of the slab (python int)
+        present:  (b w) bool, the slab positions that hold a real token of this call
+        filled:   (b T) bool, positions already fed by earlier calls (their data is in the buffer)
+        flush:    (b,) bool, rows whose segment completes with this slab
+        cached:   python bool, whether any row has filled positions (else the buffer is skipped)
+        flushing: python bool, whether any row flushes (else the memory write is skipped)
     """
 
     start: int

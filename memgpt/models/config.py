@@ -24,7 +24,7 @@ class MemGPTConfig:
     ``segment_len`` tokens form a segment: self-attention sees the current segment only;
     memory carries everything older. Each block has one memory layer with ``memory_heads``
     heads of ``memory_capacity`` slots per sample. ``token_shift`` adds a learned embedding of
-    the previous token to each input embedding (see the README's design decisions).
+    the previous token to each input embedding (see docs/concepts/streaming.md, *Token shift*).
     ``qk_norm`` makes memory reads cosine similarities with a learned per-head scale, starting
     at ``scale`` (default 10; see :class:`memgpt.layers.SoftmaxReader`). ``shift_keys`` keys the
     slot written for token t by the writer's key of token t-1 (the segment's first token by the
@@ -80,11 +80,14 @@ class MemGPTConfig:
 
     @property
     def memory_key_dim(self) -> int:
+        """``dk`` of the memory: ``key_dim``, or ``dim // memory_heads``."""
         return self.key_dim if self.key_dim is not None else self.dim // self.memory_heads
 
     @property
     def memory_value_dim(self) -> int:
+        """``dv`` of the memory: ``value_dim``, or ``dim // memory_heads``."""
         return self.value_dim if self.value_dim is not None else self.dim // self.memory_heads
 
     def to_dict(self) -> dict:
+        """Every field by name (``MemGPTConfig(**config.to_dict())`` rebuilds it)."""
         return asdict(self)

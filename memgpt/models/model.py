@@ -104,7 +104,7 @@ class MemGPTModel(nn.Module):
 
         The fan-in scaling matters for small models: with GPT-2's fixed std 0.02 at dim 64 the
         memory read starts ~6x weaker and segmented recall needed several times more steps to
-        leave its plateau (README, design decisions).
+        leave its plateau (docs/results/demo.md, *What makes the memory learn*).
         """
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)

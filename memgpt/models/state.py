@@ -77,6 +77,7 @@ class MemGPTState:
 
     @property
     def batch_size(self) -> int:
+        """``b``, the rows (streams) of the state."""
         return self.position.shape[0]
 
     def _map(self, fn) -> MemGPTState:

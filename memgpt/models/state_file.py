@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 STATE_FORMAT = "memgpt.MemGPTState"
+"""The ``format`` field of a state file's header."""
 STATE_VERSION = 2  # 1 was torch.save (read with weights_only=True); 2 is safetensors
+"""The ``format_version`` this library writes (2: safetensors with a JSON header)."""
 METADATA_KEY = "memgpt.state"
 
 # The settings of MemGPTConfig that decide what a state holds and means (shapes, the eviction

@@ -17,6 +17,8 @@ from torch import Tensor
 __all__ = ["TaskBatch", "IGNORE_INDEX", "positive", "filler_segment", "no_targets"]
 
 IGNORE_INDEX = -100  # targets that carry no loss (cross_entropy's default ignore_index)
+"""The target of positions that carry no loss (``torch.nn.functional.cross_entropy``'s default
+``ignore_index``)."""
 
 
 @dataclass
@@ -34,9 +36,11 @@ class TaskBatch:
 
     @property
     def answer_mask(self) -> Tensor:
+        """(b L) bool, True at the positions that carry a target."""
         return self.targets != IGNORE_INDEX
 
     def to(self, device: torch.device | str) -> TaskBatch:
+        """The same batch with its tensors on ``device``."""
         return TaskBatch(self.input_ids.to(device), self.targets.to(device), self.segment_len, self.query_segment)
 
 

@@ -43,6 +43,15 @@ __all__ = ["MQARTask"]
 
 @dataclass(frozen=True)
 class MQARTask:
+    """Multi-query associative recall over segments (the recipe is in the module docstring):
+    ``num_pairs`` key-value pairs in the pairs region, ``distance`` filler segments, then
+    ``num_query_segments`` segments in which every key is asked once.
+
+    ``sample(b, generator)`` gives a :class:`TaskBatch` with input_ids and targets (b L),
+    ``L = seq_len = num_segments * segment_len``; ``segments()`` streams the same sample.
+    Chance is ``1 / num_values``.
+    """
+
     num_pairs: int = 32
     num_keys: int = 64
     num_values: int = 64
@@ -73,6 +82,7 @@ class MQARTask:
 
     @property
     def pairs_per_segment(self) -> int:
+        """Pairs in one segment of the pairs region: ``segment_len // 2``."""
         return self.segment_len // 2
 
     @property
@@ -87,18 +97,22 @@ class MQARTask:
 
     @property
     def num_segments(self) -> int:
+        """Segments per sample: pairs region, gap and query region."""
         return self.query_segment + self.num_query_segments
 
     @property
     def vocab_size(self) -> int:
+        """Filler, key and value ids: ``num_filler + num_keys + num_values``."""
         return self.num_filler + self.num_keys + self.num_values
 
     @property
     def seq_len(self) -> int:
+        """``L``, tokens per sample: ``num_segments * segment_len``."""
         return self.num_segments * self.segment_len
 
     @property
     def chance(self) -> float:
+        """Accuracy of a guess: ``1 / num_values``."""
         return 1.0 / self.num_values
 
     def key_columns(self) -> Tensor:

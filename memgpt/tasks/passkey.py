@@ -46,6 +46,13 @@ def haystack_distance(num_tokens: int, segment_len: int = 16) -> int:
 
 @dataclass(frozen=True)
 class PasskeyTask:
+    """Passkey retrieval across ``distance`` segments (the recipe is in the module docstring):
+    ``PASS`` and ``passkey_len`` digits in segment 0, ``ASK`` at the start of segment ``distance``.
+
+    ``sample(b, generator)`` gives a :class:`TaskBatch` with input_ids and targets (b L),
+    ``L = seq_len = (distance + 1) * segment_len``; chance is 0.1 per digit.
+    """
+
     passkey_len: int = 4
     num_filler: int = 16
     segment_len: int = 16
@@ -62,22 +69,27 @@ class PasskeyTask:
 
     @property
     def pass_id(self) -> int:
+        """The ``PASS`` token that precedes the passkey."""
         return self.num_filler + 10
 
     @property
     def ask_id(self) -> int:
+        """The ``ASK`` token that starts the question."""
         return self.num_filler + 11
 
     @property
     def vocab_size(self) -> int:
+        """Filler ids, 10 digits, ``PASS`` and ``ASK``."""
         return self.num_filler + 12
 
     @property
     def seq_len(self) -> int:
+        """``L``, tokens per sample: ``(distance + 1) * segment_len``."""
         return (self.distance + 1) * self.segment_len
 
     @property
     def chance(self) -> float:
+        """Accuracy of a guess, per digit."""
         return 0.1
 
     @classmethod

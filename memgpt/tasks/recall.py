@@ -30,6 +30,14 @@ __all__ = ["RecallTask"]
 
 @dataclass(frozen=True)
 class RecallTask:
+    """Segmented multi-query recall (the recipe is in the module docstring): ``distance + 1``
+    segments of ``segment_len`` tokens, the pairs at the start of segment 0, the queries at the
+    start of segment ``distance``.
+
+    ``sample(b, generator)`` gives a :class:`TaskBatch` with input_ids and targets (b L),
+    ``L = seq_len = (distance + 1) * segment_len``; chance is ``1 / num_values``.
+    """
+
     num_pairs: int = 4
     num_keys: int = 16
     num_values: int = 16
@@ -50,14 +58,17 @@ class RecallTask:
 
     @property
     def vocab_size(self) -> int:
+        """Filler, key and value ids: ``num_filler + num_keys + num_values``."""
         return self.num_filler + self.num_keys + self.num_values
 
     @property
     def seq_len(self) -> int:
+        """``L``, tokens per sample: ``(distance + 1) * segment_len``."""
         return (self.distance + 1) * self.segment_len
 
     @property
     def chance(self) -> float:
+        """Accuracy of a guess: ``1 / num_values``."""
         return 1.0 / self.num_values
 
     def _draw(self, b: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -45,7 +45,9 @@ EXCLUDED_DIRS = frozenset(
         "__pycache__",
     }
 )
+"""Folders of the stdlib left out of the corpus (tests, IDLE, lib2to3, tkinter, ...)."""
 SPLITS = ("train", "validation", "test")
+"""The corpus splits, by ``split_of`` of each file's path."""
 
 
 class CharVocab:
@@ -111,6 +113,7 @@ class StdlibCorpus:
 
     @classmethod
     def scan(cls, root: str | os.PathLike | None = None) -> StdlibCorpus:
+        """The corpus of the stdlib at ``root`` (default: the running interpreter's), split by file path."""
         root = stdlib_root() if root is None else Path(root)
         by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
         for rel in list_stdlib_files(root):

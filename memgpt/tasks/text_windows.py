@@ -126,10 +126,12 @@ class TextWindowTask:
 
     @property
     def vocab_size(self) -> int:
+        """The character vocabulary's size (``CharVocab.size``)."""
         return CharVocab.size
 
     @property
     def seq_len(self) -> int:
+        """``L``, characters per window: ``segments * segment_len``."""
         return self.segments * self.segment_len
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:

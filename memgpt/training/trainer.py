@@ -151,6 +151,7 @@ class TaskLoss(nn.Module):
         state: MemGPTState | None = None,
         denominator: float | None = None,
     ) -> tuple[Tensor, Tensor, MemGPTState | None]:
+        """input_ids, targets: (b n) -> (loss, logits (b n vocab) detached, the new state detached or None)."""
         if state is not None and self.kind != "memory":
             raise ValueError(f"only the memory kind carries a state between calls, got kind {self.kind!r}")
         logits, state = _logits(self.model, self.kind, input_ids, segment_len, state, self.inplace_memory)
@@ -279,6 +280,7 @@ class Trainer:
         self.fixed_task = make_task(task_name, **task_kwargs) if task_name == "text" else None
 
     def next_batch(self) -> TaskBatch:
+        """The next global batch of the data stream (distance and, for recall, pair count drawn per batch)."""
         g = self.data_rng
         if self.fixed_task is not None:
             return self.fixed_task.sample(self.cfg.batch_size, g).to(self.device)
@@ -297,6 +299,7 @@ class Trainer:
         return replace(batch, input_ids=batch.input_ids[rows], targets=batch.targets[rows])
 
     def train_step(self) -> dict:
+        """One optimiser step on the next batch; returns its record (step, loss, acc, tokens)."""
         cfg, model = self.cfg, self.model
         model.train()
         batch = self.next_batch()  # the global batch, the same on every rank
@@ -351,6 +354,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> None:
+        """Write a checkpoint (model, optimiser, both RNG states, step, configs) atomically to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -373,6 +377,8 @@ class Trainer:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto") -> Trainer:
+        """Rebuild the trainer of a checkpoint written by :meth:`save`; ``fit()`` then continues the
+        same run bit for bit."""
         payload = load_checkpoint(path)
         cfg = TrainConfig(**_tuples(payload["train_config"]))
         cfg.device = device
@@ -387,6 +393,11 @@ class Trainer:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The payload of a checkpoint written by :meth:`Trainer.save` (``torch.load`` with
+    ``weights_only=True``, on CPU): model and train configs, weights, optimiser and RNG states, step.
+
+    A file that is not a memgpt checkpoint raises ValueError; a missing one FileNotFoundError.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
