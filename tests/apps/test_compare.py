@@ -109,3 +109,18 @@ def test_command_line_flags_are_checked():
         config_from_args(parser.parse_args(["compare", "--tasks", "nope"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "--lrs", "fast"])
+
+
+def test_a_resumed_compare_keeps_what_the_journal_holds(tmp_path):
+    cfg = _tiny(tasks=("recall",), contenders=("baseline",), quick=True)
+    first = run_compare(cfg, tmp_path)
+    journal = (tmp_path / "journal.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in journal] == ["train", "eval"]
+    logged: list[str] = []
+    again = run_compare(cfg, tmp_path, log=logged.append, resume=True)
+    assert (tmp_path / "journal.jsonl").read_text().splitlines() == journal  # nothing was run again
+    assert any("taken from" in line for line in logged)
+    assert again["tasks"]["recall"]["evals"] == first["tasks"]["recall"]["evals"]
+    fresh = run_compare(cfg, tmp_path)  # without resume the journal starts over
+    assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 2
+    assert fresh["tasks"]["recall"]["runs"][0]["val_acc"] == first["tasks"]["recall"]["runs"][0]["val_acc"]

@@ -58,6 +58,11 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=default_workers(), help="training processes at once (1 thread each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="seconds: a few steps, short evaluations (a pipeline check)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs and evaluations already in OUT/journal.jsonl (same steps) instead of redoing them",
+    )
     p.add_argument("--json", default=None, help="write every row here (default OUT/results.json)")
     p.add_argument("--plot", default=None, help="accuracy vs distance/length PNG (default OUT/compare.png)")
     p.add_argument("--out", default="out/compare", help="folder for results, plot and checkpoints")
@@ -105,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         return _list()
     cfg = config_from_args(args)
     out = Path(args.out)
-    results = run_compare(cfg, out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    results = run_compare(cfg, out, log=lambda s: print(s, file=sys.stderr, flush=True), resume=args.resume)
     json_path = Path(args.json) if args.json else out / "results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(jsonable(results), indent=1))

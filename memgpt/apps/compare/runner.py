@@ -14,13 +14,14 @@ two models at once; every run prints a one-line progress bar to stderr.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -283,63 +284,119 @@ def _median(values: list[float]) -> float:
 # ---------------------------------------------------------------------------------------- suite
 
 
-def run_compare(cfg: CompareConfig, out_dir: str | Path, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Every task, contender and learning rate; returns (and the caller may write) all rows."""
+def _journal_read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _journal_add(path: Path, entry: dict) -> None:
+    with path.open("a") as f:  # one line per finished run: a killed compare keeps what it finished
+        f.write(json.dumps(entry) + "\n")
+
+
+def _best_lr(runs: list[dict]) -> float | None:
+    ok = [r for r in runs if r["failure"] is None]
+    return max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))["lr"] if ok else None
+
+
+def run_compare(
+    cfg: CompareConfig,
+    out_dir: str | Path,
+    log: Callable[[str], None] = lambda s: None,
+    *,
+    resume: bool = False,
+) -> dict:
+    """Every task, contender and learning rate; returns (and the caller may write) all rows.
+
+    Each finished run is appended to ``OUT/journal.jsonl`` at once; with ``resume`` the runs and
+    evaluations found there (for this configuration, with their checkpoints) are not run again.
+    A contender is evaluated as soon as its whole learning-rate sweep has finished.
+    """
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    journal = out / "journal.jsonl"
     every = builders()
     names = list(cfg.contenders) or [n for n in every if n not in NOT_BY_DEFAULT]
     unknown = [n for n in names if n not in every]
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; expected names from {sorted(every)}")
+    if not resume and journal.exists():
+        journal.unlink()
+    done = {
+        (e["kind"], e["task"], e["contender"], e.get("lr"), e["steps_planned"]): e
+        for e in _journal_read(journal)
+        if e.get("kind") in ("train", "eval")
+    }
     results: dict = dict(config=asdict(cfg), tasks={})
     ctx = get_context("spawn")  # workers start clean: one thread each, no inherited state
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
         for task_name in cfg.tasks:
             task = TASKS[task_name]
+            eval_x = task.quick_eval_x if cfg.quick else task.eval_x
             dims, missing = match_widths(cfg, task, names)
             for name, reason in missing.items():
                 log(f"{task_name}: {name} not run: {reason}")
             for name, (dim, params) in dims.items():
                 log(f"{task_name}: {name} width {dim}, {params:,} parameters")
-            jobs = {
-                (name, lr): pool.submit(
-                    train_run,
-                    task_name,
-                    name,
-                    lr,
-                    dims[name][0],
-                    cfg,
-                    str(out / "checkpoints" / f"{task_name}-{name}-{lr:g}.pt"),
-                )
-                for name in dims
-                for lr in cfg.lrs
-            }
-            runs = {key: job.result() for key, job in jobs.items()}
-            best = {}
+
+            def ckpt(name: str, lr: float, task_name: str = task_name) -> str:
+                return str(out / "checkpoints" / f"{task_name}-{name}-{lr:g}.pt")
+
+            runs: dict[tuple[str, float], dict] = {}
+            pending: dict = {}
             for name in dims:
-                ok = [runs[(name, lr)] for lr in cfg.lrs if runs[(name, lr)]["failure"] is None]
-                if ok:
-                    best[name] = max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))["lr"]
-            eval_x = task.quick_eval_x if cfg.quick else task.eval_x
-            evals = {
-                name: pool.submit(
-                    eval_run,
-                    task_name,
-                    name,
-                    dims[name][0],
-                    cfg,
-                    str(out / "checkpoints" / f"{task_name}-{name}-{lr:g}.pt"),
-                    eval_x,
-                )
-                for name, lr in best.items()
-            }
+                for lr in cfg.lrs:
+                    key = ("train", task_name, name, lr, cfg.steps)
+                    if key in done and (done[key]["failure"] is not None or Path(ckpt(name, lr)).exists()):
+                        runs[(name, lr)] = done[key]["record"] if "record" in done[key] else done[key]
+                        log(f"{task_name}: {name} lr={lr:g} taken from {journal}")
+                        continue
+                    job = pool.submit(train_run, task_name, name, lr, dims[name][0], cfg, ckpt(name, lr))
+                    pending[job] = ("train", name, lr)
+            evals: dict[str, list[dict]] = {}
+            best: dict[str, float] = {}
+
+            def sweep_done(name: str) -> bool:
+                return all((name, lr) in runs for lr in cfg.lrs)
+
+            def submit_eval(name: str) -> None:
+                lr = _best_lr([runs[(name, lr)] for lr in cfg.lrs])
+                if lr is None:
+                    return
+                best[name] = lr
+                key = ("eval", task_name, name, lr, cfg.steps)
+                if key in done and [p["x"] for p in done[key]["points"]] == list(eval_x):
+                    evals[name] = done[key]["points"]
+                    return
+                job = pool.submit(eval_run, task_name, name, dims[name][0], cfg, ckpt(name, lr), eval_x)
+                pending[job] = ("eval", name, lr)
+
+            for name in dims:
+                if sweep_done(name):
+                    submit_eval(name)
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for job in finished:
+                    kind, name, lr = pending.pop(job)
+                    result = job.result()
+                    _journal_add(
+                        journal,
+                        dict(kind=kind, task=task_name, contender=name, lr=lr, steps_planned=cfg.steps)
+                        | (dict(record=result, failure=result["failure"]) if kind == "train" else result),
+                    )
+                    if kind == "train":
+                        runs[(name, lr)] = result
+                        if sweep_done(name):
+                            submit_eval(name)
+                    else:
+                        evals[name] = result["points"]
             results["tasks"][task_name] = dict(
                 x_label=task.x_label,
                 eval_x=list(eval_x),
                 chance=task.make(task.train_x[0]).chance,
-                runs=[runs[key] | {"best": best.get(key[0]) == key[1]} for key in runs],
-                evals={name: job.result()["points"] for name, job in evals.items()},
+                runs=[runs[(n, lr)] | {"best": best.get(n) == lr} for n in dims for lr in cfg.lrs],
+                evals={name: evals[name] for name in dims if name in evals},
                 unavailable=missing | ({} if cfg.contenders else NOT_BY_DEFAULT),
             )
     return results
