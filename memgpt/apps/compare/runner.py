@@ -345,6 +345,7 @@ def run_compare(
 
             runs: dict[tuple[str, float], dict] = {}
             pending: dict = {}
+            todo: list[tuple[str, float]] = []
             for name in dims:
                 for lr in cfg.lrs:
                     key = ("train", task_name, name, lr, cfg.steps)
@@ -352,8 +353,7 @@ def run_compare(
                         runs[(name, lr)] = done[key]["record"] if "record" in done[key] else done[key]
                         log(f"{task_name}: {name} lr={lr:g} taken from {journal}")
                         continue
-                    job = pool.submit(train_run, task_name, name, lr, dims[name][0], cfg, ckpt(name, lr))
-                    pending[job] = ("train", name, lr)
+                    todo.append((name, lr))
             evals: dict[str, list[dict]] = {}
             best: dict[str, float] = {}
 
@@ -369,12 +369,25 @@ def run_compare(
                 if key in done and [p["x"] for p in done[key]["points"]] == list(eval_x):
                     evals[name] = done[key]["points"]
                     return
-                job = pool.submit(eval_run, task_name, name, dims[name][0], cfg, ckpt(name, lr), eval_x)
-                pending[job] = ("eval", name, lr)
+                evals_todo.append((name, lr))
+
+            # At most one job per worker in flight, evaluations first: a contender's results land as
+            # soon as its sweep is done, and a compare stopped early has whole rows, not half ones.
+            evals_todo: list[tuple[str, float]] = []
+
+            def fill() -> None:
+                while len(pending) < cfg.workers and (evals_todo or todo):
+                    kind, (name, lr) = ("eval", evals_todo.pop(0)) if evals_todo else ("train", todo.pop(0))
+                    if kind == "eval":
+                        job = pool.submit(eval_run, task_name, name, dims[name][0], cfg, ckpt(name, lr), eval_x)
+                    else:
+                        job = pool.submit(train_run, task_name, name, lr, dims[name][0], cfg, ckpt(name, lr))
+                    pending[job] = (kind, name, lr)
 
             for name in dims:
                 if sweep_done(name):
                     submit_eval(name)
+            fill()
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for job in finished:
@@ -391,6 +404,7 @@ def run_compare(
                             submit_eval(name)
                     else:
                         evals[name] = result["points"]
+                fill()
             results["tasks"][task_name] = dict(
                 x_label=task.x_label,
                 eval_x=list(eval_x),
