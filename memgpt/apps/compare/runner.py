@@ -273,7 +273,13 @@ def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str,
             dict(x=x, acc=correct / max(1, total), answers=total, seconds=seconds, peak_rss_mb=_peak_rss_mb())
         )
         progress.update(i + 1, f"x={x} acc {points[-1]['acc']:.3f}", force=True)
-    return dict(task=task_name, contender=name, points=points, chance=task.make(task.train_x[0]).chance)
+    return dict(
+        task=task_name,
+        contender=name,
+        points=points,
+        chance=task.make(task.train_x[0]).chance,
+        budget_s=cfg.eval_budget_s,
+    )
 
 
 def _median(values: list[float]) -> float:
@@ -366,9 +372,12 @@ def run_compare(
                     return
                 best[name] = lr
                 key = ("eval", task_name, name, lr, cfg.steps)
-                if key in done and [p["x"] for p in done[key]["points"]] == list(eval_x):
-                    evals[name] = done[key]["points"]
-                    return
+                old = done.get(key)
+                if old is not None and [p["x"] for p in old["points"]] == list(eval_x):
+                    # kept unless it skipped points that a larger budget may now reach
+                    if all("skipped" not in p for p in old["points"]) or old.get("budget_s", 0) >= cfg.eval_budget_s:
+                        evals[name] = old["points"]
+                        return
                 evals_todo.append((name, lr))
 
             # At most one job per worker in flight, evaluations first: a contender's results land as
