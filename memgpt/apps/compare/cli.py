@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
         action="store_true",
         help="keep the runs and evaluations already in OUT/journal.jsonl (same steps) instead of redoing them",
     )
+    p.add_argument(
+        "--report", action="store_true", help="run nothing: the tables, JSON and plot of what OUT/journal.jsonl holds"
+    )
     p.add_argument("--json", default=None, help="write every row here (default OUT/results.json)")
     p.add_argument("--plot", default=None, help="accuracy vs distance/length PNG (default OUT/compare.png)")
     p.add_argument("--out", default="out/compare", help="folder for results, plot and checkpoints")
@@ -110,7 +113,9 @@ def _run(args: argparse.Namespace) -> int:
         return _list()
     cfg = config_from_args(args)
     out = Path(args.out)
-    results = run_compare(cfg, out, log=lambda s: print(s, file=sys.stderr, flush=True), resume=args.resume)
+    results = run_compare(
+        cfg, out, log=lambda s: print(s, file=sys.stderr, flush=True), resume=args.resume, report_only=args.report
+    )
     json_path = Path(args.json) if args.json else out / "results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(jsonable(results), indent=1))

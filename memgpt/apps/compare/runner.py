@@ -255,7 +255,11 @@ def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str,
         if per_segment is not None and spent + per_segment * segments * batches > cfg.eval_budget_s:
             need = per_segment * segments * batches
             points.append(
-                dict(x=x, skipped=f"would take ~{need / 60:.0f} min (budget {cfg.eval_budget_s / 60:.0f} min)")
+                dict(
+                    x=x,
+                    skipped=f"would take ~{need / 60:.0f} min (budget {cfg.eval_budget_s / 60:.0f} min)",
+                    why="budget",
+                )
             )
             continue
         _peak_rss_reset()
@@ -312,13 +316,16 @@ def run_compare(
     log: Callable[[str], None] = lambda s: None,
     *,
     resume: bool = False,
+    report_only: bool = False,
 ) -> dict:
     """Every task, contender and learning rate; returns (and the caller may write) all rows.
 
     Each finished run is appended to ``OUT/journal.jsonl`` at once; with ``resume`` the runs and
     evaluations found there (for this configuration, with their checkpoints) are not run again.
     A contender is evaluated as soon as its whole learning-rate sweep has finished.
+    ``report_only``: run nothing, report what the journal holds (a stopped or unfinished compare).
     """
+    resume = resume or report_only
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     journal = out / "journal.jsonl"
@@ -375,7 +382,10 @@ def run_compare(
                 old = done.get(key)
                 if old is not None and [p["x"] for p in old["points"]] == list(eval_x):
                     # kept unless it skipped points that a larger budget may now reach
-                    if all("skipped" not in p for p in old["points"]) or old.get("budget_s", 0) >= cfg.eval_budget_s:
+                    over_budget = any(
+                        p.get("why") == "budget" or "would take" in p.get("skipped", "") for p in old["points"]
+                    )
+                    if not over_budget or old.get("budget_s", 0) >= cfg.eval_budget_s:
                         evals[name] = old["points"]
                         return
                 evals_todo.append((name, lr))
@@ -385,7 +395,7 @@ def run_compare(
             evals_todo: list[tuple[str, float]] = []
 
             def fill() -> None:
-                while len(pending) < cfg.workers and (evals_todo or todo):
+                while not report_only and len(pending) < cfg.workers and (evals_todo or todo):
                     kind, (name, lr) = ("eval", evals_todo.pop(0)) if evals_todo else ("train", todo.pop(0))
                     if kind == "eval":
                         job = pool.submit(eval_run, task_name, name, dims[name][0], cfg, ckpt(name, lr), eval_x)
@@ -418,7 +428,7 @@ def run_compare(
                 x_label=task.x_label,
                 eval_x=list(eval_x),
                 chance=task.make(task.train_x[0]).chance,
-                runs=[runs[(n, lr)] | {"best": best.get(n) == lr} for n in dims for lr in cfg.lrs],
+                runs=[runs[(n, lr)] | {"best": best.get(n) == lr} for n in dims for lr in cfg.lrs if (n, lr) in runs],
                 evals={name: evals[name] for name in dims if name in evals},
                 unavailable=missing | ({} if cfg.contenders else NOT_BY_DEFAULT),
             )
