@@ -1,6 +1,7 @@
 """memgpt: memory-augmented transformer layers for PyTorch.
 
-The memory is explicit state: ``y, state = layer(x, state)``. See the README for shapes.
+The memory is explicit state: ``y, state = layer(x, state)``. Shapes are in einops notation; the docs'
+API reference (docs/reference/index.md) has the legend.
 """
 
 from ._version import __version__
@@ -13,17 +14,21 @@ from .layers import (
     MultiHeadAttention,
     SoftmaxReader,
 )
-from .memory import MemoryState
+from .memory import MemoryState, MemoryStats
 from .models import (
     BlockState,
     GenerationOutput,
+    LayerTrace,
     MemGPTBlock,
     MemGPTConfig,
     MemGPTModel,
     MemGPTOutput,
     MemGPTState,
+    MemoryTrace,
     SegmentBuffer,
     SegmentView,
+    memory_stats,
+    trace_memory,
 )
 
 __all__ = [
@@ -44,5 +49,10 @@ __all__ = [
     "SoftmaxReader",
     "GatedFusion",
     "FeedForward",
+    "MemoryStats",
+    "memory_stats",
+    "trace_memory",
+    "MemoryTrace",
+    "LayerTrace",
     "__version__",
 ]

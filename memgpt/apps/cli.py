@@ -1,4 +1,4 @@
-"""Command line: ``python -m memgpt demo | text | train | eval`` (also installed as ``memgpt``)."""
+"""Command line: ``python -m memgpt demo | text | compare | train | eval`` (also installed as ``memgpt``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..tasks import PasskeyTask, RecallTask
 from ..training.distributed import init_from_env, shutdown, world
 from ..training.trainer import MODEL_KINDS, TrainConfig, Trainer, evaluate, load_checkpoint, make_task, resolve_device
 
@@ -17,6 +18,53 @@ if TYPE_CHECKING:
     from .text import TextConfig
 
 __all__ = ["main"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def top_k_arg(text: str) -> int | None:
+    """argparse type: an int >= 0; 0 (read every slot) becomes None."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: read every slot), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: read every slot), got {value}")
+    return value or None
+
+
+def distance_list(text: str) -> tuple[int, ...]:
+    """argparse type: distances in segments, ``1,2,4`` (one or more ints >= 1; repeats: :func:`distances_of`)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers >= 1 separated by commas (e.g. 1,2,4), got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas (e.g. 1,2,4), got {text!r}")
+    return values
+
+
+def distances_of(groups: list[tuple[int, ...]], parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    """``--distances 1,2 4`` (commas, spaces or both) as one tuple; a repeat is an error."""
+    values = tuple(d for group in groups for d in group)
+    repeated = sorted({d for d in values if values.count(d) > 1})
+    if repeated:
+        parser.error(
+            f"argument --distances: each distance once, got {', '.join(map(str, values))} (repeats {repeated})"
+        )
+    return values
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,9 +75,14 @@ def _demo(args: argparse.Namespace) -> int:
     demo.train.seed = args.seed
     if args.steps is not None:
         demo.train.steps = args.steps
+    demo.memory_capacity, demo.eviction, demo.top_k = args.capacity, args.eviction, args.top_k
     if args.quick:  # seconds, for CI: the pipeline runs end to end, the numbers mean nothing
         demo.train.steps = min(demo.train.steps, 10)
         demo.eval_batches, demo.eval_batch_size = 1, 16
+        demo.eval_distances, demo.probe_distance, demo.probe_batch_size = (1, 4), 4, 4
+        demo.eval_pairs = (1, 4)
+    if args.distances is not None:
+        demo.eval_distances = args.distances
     if args.threads:
         torch.set_num_threads(args.threads)
     run_demo(demo, args.out, progress=not args.quiet)
@@ -100,7 +153,17 @@ def _train_on(args: argparse.Namespace, device: str, is_main: bool) -> int:
     else:
         from .demo import DemoConfig, build_model
 
-        demo = DemoConfig(dim=args.dim, depth=args.depth, segment_len=args.segment_len)
+        distances = args.distances
+        # Without --capacity: room for the longest training sequence (a fifo store then holds everything).
+        capacity = args.capacity if args.capacity is not None else (max(distances) + 1) * args.segment_len
+        demo = DemoConfig(
+            dim=args.dim,
+            depth=args.depth,
+            segment_len=args.segment_len,
+            memory_capacity=capacity,
+            eviction=args.eviction,
+            top_k=args.top_k,
+        )
         cfg = TrainConfig(
             steps=args.steps or 800,
             batch_size=args.batch_size,
@@ -108,7 +171,7 @@ def _train_on(args: argparse.Namespace, device: str, is_main: bool) -> int:
             seed=args.seed,
             device=device,
             autocast_bf16=args.bf16,
-            distances=tuple(args.distances),
+            distances=distances,
             checkpoint_every=args.checkpoint_every,
         )
         demo.train = cfg
@@ -125,10 +188,16 @@ def _train_on(args: argparse.Namespace, device: str, is_main: bool) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
+    if payload["task"] not in ("recall", "passkey"):
+        raise SystemExit(
+            f"memgpt eval: {args.checkpoint} was trained on task {payload['task']!r}; eval scores the recall and "
+            "passkey tasks by distance (a text checkpoint is scored by `python -m memgpt text --reuse`)"
+        )
     trainer = Trainer.load(args.checkpoint, device=args.device)
     results = {}
     for d in args.distances:
         task = make_task(payload["task"], **{**payload["task_kwargs"], "distance": d})
+        assert isinstance(task, (RecallTask, PasskeyTask))  # the two tasks admitted above
         row = {trainer.kind: evaluate(trainer.model, trainer.kind, task, batches=4, batch_size=128, seed=args.seed)}
         if trainer.kind == "memory":
             row["ablation"] = evaluate(
@@ -153,13 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for this run (0: leave as is)")
 
     d = sub.add_parser(
-        "demo", help="memory vs baseline vs oracle on segmented recall (about 10 minutes on 2 CPU cores)"
+        "demo",
+        help="segmented recall far beyond the memory's capacity: strength vs fifo eviction, baseline, oracle "
+        "(about 10 minutes on 2 CPU cores)",
     )
     common(d)
-    d.add_argument("--out", default="out/demo", help="folder for results.json and recall.png")
+    d.add_argument(
+        "--out", default="out/demo", help="folder for results.json, recall.png, write_gate.png, memory_slots.png"
+    )
     d.add_argument("--steps", type=int, default=None, help="training steps per model (default 800)")
     d.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, not the result")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    memory_flags(d, capacity=32, eviction="strength", contrast=True)
+    d.add_argument(
+        "--distances",
+        type=distance_list,
+        nargs="+",
+        default=None,
+        help="evaluation distances in segments: 1,2,4 or 1 2 4 (default 1,2,4,8,16,32,64,128)",
+    )
     d.set_defaults(func=_demo)
 
     x = sub.add_parser("text", help="character LM on CPython's stdlib: memory vs baseline, bits per character")
@@ -201,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     x.set_defaults(func=_text)
 
+    from .compare.cli import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
+
     t = sub.add_parser(
         "train", help="train one model on one task; writes OUT/TASK-MODEL.pt (DDP under `torchrun -m memgpt train`)"
     )
@@ -214,7 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dim", type=int, default=64)
     t.add_argument("--depth", type=int, default=2)
     t.add_argument("--segment-len", type=int, default=16)
-    t.add_argument("--distances", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    t.add_argument(
+        "--distances",
+        type=distance_list,
+        nargs="+",
+        default=[(1, 2, 3, 4, 5, 6, 7, 8)],
+        help="training distances in segments, sampled per batch: 1,2,4 or 1 2 4 (default 1..8)",
+    )
+    memory_flags(t, capacity=None, eviction="fifo", contrast=False)
     t.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (slow on CPUs without bf16 units)")
     t.add_argument("--checkpoint-every", type=int, default=0)
     t.add_argument("--resume", default=None, help="a checkpoint to continue from (same data stream)")
@@ -223,13 +315,40 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint by distance (and its ablation)")
     common(e)
     e.add_argument("checkpoint")
-    e.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8])
+    e.add_argument("--distances", type=distance_list, nargs="+", default=[(1, 2, 4, 8)], help="1,2,4 or 1 2 4")
     e.set_defaults(func=_eval)
     return p
 
 
+def memory_flags(sp: argparse.ArgumentParser, *, capacity: int | None, eviction: str, contrast: bool) -> None:
+    """``--capacity``, ``--eviction``, ``--top-k``: the memory of the model(s) a command trains."""
+    from ..memory import EVICTION_POLICIES
+
+    room = "room for the longest training sequence" if capacity is None else str(capacity)
+    sp.add_argument(
+        "--capacity", type=positive_int, default=capacity, help=f"memory slots per layer and head (default {room})"
+    )
+    also = "; the contrast model uses fifo (strength when this is fifo)" if contrast else ""
+    sp.add_argument(
+        "--eviction",
+        choices=EVICTION_POLICIES,
+        default=eviction,
+        help=f"which slot a full memory overwrites (default {eviction}){also}",
+    )
+    sp.add_argument("--top-k", type=top_k_arg, default=None, help="read only the k best memory slots (default 0: all)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, ``--distances`` flattened to one tuple (exits with a message on bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "distances", None) is not None:
+        args.distances = distances_of(args.distances, parser)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return args.func(args)
 
 

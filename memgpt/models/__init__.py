@@ -6,6 +6,7 @@ Imports :mod:`memgpt.layers` and :mod:`memgpt.memory`; never the training or app
 
 from .block import BlockState, MemGPTBlock, SegmentBuffer, SegmentView
 from .config import MemGPTConfig
+from .introspect import LayerTrace, MemoryTrace, memory_stats, trace_memory
 from .model import GenerationOutput, MemGPTModel, MemGPTOutput
 from .state import MemGPTState
 
@@ -19,4 +20,8 @@ __all__ = [
     "MemGPTOutput",
     "GenerationOutput",
     "MemGPTState",
+    "memory_stats",
+    "trace_memory",
+    "MemoryTrace",
+    "LayerTrace",
 ]
