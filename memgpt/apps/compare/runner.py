@@ -385,7 +385,7 @@ def run_compare(
                     over_budget = any(
                         p.get("why") == "budget" or "would take" in p.get("skipped", "") for p in old["points"]
                     )
-                    if not over_budget or old.get("budget_s", 0) >= cfg.eval_budget_s:
+                    if report_only or not over_budget or old.get("budget_s", 0) >= cfg.eval_budget_s:
                         evals[name] = old["points"]
                         return
                 evals_todo.append((name, lr))
