@@ -33,7 +33,7 @@ def _csv(kind, what: str):
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare",
-        help="memgpt's memory vs the no-memory baseline, full attention and peer libraries (recall, passkey)",
+        help="memgpt's memory vs the no-memory baseline, full attention and peer libraries (recall, passkey, mqar)",
         description=(
             "Train every contender on the same data, steps, batch, optimizer and segment length, with its width "
             "matched to the reference's parameter count and the same learning-rate sweep (best of the sweep on "
@@ -41,7 +41,12 @@ def add_parser(sub) -> None:
             "segment. Peers come from the optional extra: pip install -e '.[peers]'."
         ),
     )
-    p.add_argument("--tasks", type=_csv(str, "--tasks"), default=CompareConfig.tasks, help=f"of {sorted(TASKS)}")
+    p.add_argument(
+        "--tasks",
+        type=_csv(str, "--tasks"),
+        default=None,
+        help=f"comma-separated, of {sorted(TASKS)} (default: {','.join(CompareConfig.tasks)}; with --quick: all)",
+    )
     p.add_argument(
         "--contenders",
         type=_csv(str, "--contenders"),
@@ -73,6 +78,8 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    if args.tasks is None:
+        args.tasks = tuple(TASKS) if args.quick else CompareConfig.tasks
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"memgpt compare: unknown tasks {unknown}; expected some of {sorted(TASKS)}")
