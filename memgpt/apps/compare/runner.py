@@ -15,9 +15,9 @@ two models at once; every run prints a one-line progress bar to stderr.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ...tasks import IGNORE_INDEX
+from ...training.trainer import TrainConfig, lr_at
 from .contender import Builder, Contender, ModelShape, build_matched, check_logits, n_params
 from .ours import OURS
 from .suite import TASKS, SuiteTask, segments_of
@@ -108,13 +109,6 @@ def _build(name: str, task: SuiteTask, cfg: CompareConfig, dim: int, seed: int) 
     return built
 
 
-def _lr_at(step: int, cfg: CompareConfig, lr: float) -> float:
-    if step < cfg.warmup_steps:
-        return lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _sample_loss(c: Contender, task, batch_size: int, gen: torch.Generator, vocab: int, checked: list[bool]):
     """Feed one batch of ``task`` segment by segment; (summed answer loss, correct, answers)."""
     state = None
@@ -159,6 +153,7 @@ def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig
     task = TASKS[task_name]
     c = _build(name, task, cfg, dim, cfg.seed)
     opt = torch.optim.AdamW(c.model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = TrainConfig(steps=cfg.steps, lr=lr, warmup_steps=cfg.warmup_steps)  # the trainer's warm-up + cosine
     gen = torch.Generator().manual_seed(cfg.seed)  # the same data for every contender and lr
     progress = _Progress(f"{task_name} {name} lr={lr:g}", cfg.steps)
     checked = [False]
@@ -168,7 +163,7 @@ def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig
         t0 = time.perf_counter()
         x = task.train_x[int(torch.randint(len(task.train_x), (1,), generator=gen))]
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg, lr)
+            group["lr"] = lr_at(step, schedule)
         loss, _, total = _sample_loss(c, task.make(x), cfg.batch_size, gen, task.vocab_size, checked)
         loss = loss / max(1, total)
         if not torch.isfinite(loss):
@@ -189,7 +184,7 @@ def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig
         params=n_params(c.model),
         config=c.config,
         steps=len(times),
-        ms_per_step=1e3 * _median(times) if times else None,
+        ms_per_step=1e3 * statistics.median(times) if times else None,
         train_s=sum(times),
         final_loss=sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else None,
         failure=failure,
@@ -284,11 +279,6 @@ def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str,
         chance=task.make(task.train_x[0]).chance,
         budget_s=cfg.eval_budget_s,
     )
-
-
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    return s[len(s) // 2]
 
 
 # ---------------------------------------------------------------------------------------- suite
