@@ -15,6 +15,7 @@ two models at once; every run prints a one-line progress bar to stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import statistics
@@ -128,8 +129,21 @@ def _sample_loss(c: Contender, task, batch_size: int, gen: torch.Generator, voca
     return loss, correct, total
 
 
+PROGRESS = logging.getLogger("memgpt.compare")  # one progress line per run; silence it with its level
+
+
+def _progress_to_stderr() -> None:
+    """In a worker process: send the progress lines to stderr unless the caller routed them already."""
+    if not PROGRESS.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        PROGRESS.addHandler(handler)
+        PROGRESS.setLevel(logging.INFO)
+        PROGRESS.propagate = False
+
+
 class _Progress:
-    """One line per run on stderr, redrawn at most every ``every`` seconds."""
+    """One line per run on the ``memgpt.compare`` logger, at most every ``every`` seconds."""
 
     def __init__(self, label: str, total: int, every: float = 10.0) -> None:
         self.label, self.total, self.every = label, total, every
@@ -142,9 +156,7 @@ class _Progress:
         self.last = now
         filled = int(20 * done / max(1, self.total))
         bar = "#" * filled + "." * (20 - filled)
-        print(
-            f"[{self.label}] [{bar}] {done}/{self.total} {note} ({now - self.start:.0f}s)", file=sys.stderr, flush=True
-        )
+        PROGRESS.info(f"[{self.label}] [{bar}] {done}/{self.total} {note} ({now - self.start:.0f}s)")
 
 
 def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig, ckpt: str) -> dict:
@@ -155,6 +167,7 @@ def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig
     opt = torch.optim.AdamW(c.model.parameters(), lr=lr, weight_decay=0.0)
     schedule = TrainConfig(steps=cfg.steps, lr=lr, warmup_steps=cfg.warmup_steps)  # the trainer's warm-up + cosine
     gen = torch.Generator().manual_seed(cfg.seed)  # the same data for every contender and lr
+    _progress_to_stderr()
     progress = _Progress(f"{task_name} {name} lr={lr:g}", cfg.steps)
     checked = [False]
     times, losses, failure = [], [], None
@@ -238,6 +251,7 @@ def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str,
     c.model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     points, spent, per_segment = [], 0.0, None
+    _progress_to_stderr()
     progress = _Progress(f"{task_name} {name} eval", len(eval_x), every=0.0)
     for i, x in enumerate(eval_x):
         segments = task.segments(x)
