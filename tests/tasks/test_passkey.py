@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -105,14 +106,22 @@ def test_bad_haystack(args, exc, match):
 
 
 # ------------------------------------------------------------------ flat memory when streaming
-def live_tensor_bytes() -> int:
-    """Bytes of every tensor Python can reach, after a collection.
+def live_tensors() -> list[torch.Tensor]:
+    """Every tensor Python can reach, after a collection."""
+    gc.collect()
+    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+
+
+def bytes_of_new_tensors(baseline: dict[int, weakref.ref]) -> int:
+    """Bytes of the live tensors that were not alive when ``baseline`` was taken.
 
     Counts objects, not the process's RSS: exact and repeatable on a shared, noisy machine
     (RSS moves with the allocator and other threads; tracemalloc does not see torch's allocations).
+    Only new tensors count, so a tensor of an earlier test freed meanwhile cannot pull the figure down;
+    the weak reference tells a new tensor from an old one that happens to share its ``id``.
     """
-    gc.collect()
-    return sum(o.nelement() * o.element_size() for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+    new = (t for t in live_tensors() if (ref := baseline.get(id(t))) is None or ref() is not t)
+    return sum(t.nelement() * t.element_size() for t in new)
 
 
 def materialised(task: PasskeyTask, b: int, generator: torch.Generator):
@@ -123,12 +132,12 @@ def materialised(task: PasskeyTask, b: int, generator: torch.Generator):
 
 
 def held_while_streaming(task: PasskeyTask, stream, b: int = 4) -> int:
-    """Tensor bytes alive while the iterator sits on its next-to-last segment, beyond those before it."""
-    before = live_tensor_bytes()
+    """Bytes of the tensors alive at the next-to-last segment that were not alive before streaming began."""
+    baseline = {id(t): weakref.ref(t) for t in live_tensors()}
     it = stream(task, b, torch.Generator().manual_seed(0))
     for _ in range(task.distance):  # up to the next-to-last segment, keeping none
         next(it)
-    held = live_tensor_bytes() - before
+    held = bytes_of_new_tensors(baseline)
     del it
     return held
 
