@@ -129,5 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     print(format_tables(results))
     plot_path = Path(args.plot) if args.plot else out / "compare.png"
     drew = plot_results(results, plot_path)
-    print(f"\nwrote {json_path}" + (f" and {plot_path}" if drew else " (no plot: pip install matplotlib)"))
+    if drew:
+        print(f"\nwrote {json_path} and {plot_path}")
+    elif all(res.get("metric") == "bpc" for res in results["tasks"].values()):
+        print(f"\nwrote {json_path} (no plot: bits per character are a table only)")
+    else:
+        print(f"\nwrote {json_path} (no plot: pip install matplotlib)")
     return 0

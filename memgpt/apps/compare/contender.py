@@ -16,9 +16,20 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Contender", "Builder", "ModelShape", "n_params", "build_matched", "detach_tree", "check_logits"]
+__all__ = [
+    "SEGMENT_LEN",
+    "Contender",
+    "Builder",
+    "ModelShape",
+    "n_params",
+    "build_matched",
+    "detach_tree",
+    "check_logits",
+]
 
 State = Any  # whatever the contender carries between segments (None before the first)
+
+SEGMENT_LEN = 16  # tokens per call in every task of the suite: self-attention sees no further back
 
 
 @dataclass(frozen=True)

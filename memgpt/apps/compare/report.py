@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..report import pyplot
@@ -9,20 +10,32 @@ from ..report import pyplot
 __all__ = ["format_tables", "plot_results"]
 
 
-def _x(x: int, task: str) -> str:
-    if task == "passkey" and x >= 1024:
+def _x(x: int | str, task: str) -> str:
+    if task == "passkey" and isinstance(x, int) and x >= 1024:
         return f"{x // 1024}k" if x < 1 << 20 else f"{x >> 20}M"
     return str(x)
 
 
+def _val(run: dict, metric: str) -> str:
+    """A run's validation score: accuracy, or bits per character from its loss in nats."""
+    if run["failure"] is not None:
+        return f"{run['lr']:g}: failed"
+    return f"{run['lr']:g}: " + (f"{run['val_loss'] / math.log(2):.3f}" if metric == "bpc" else f"{run['val_acc']:.2f}")
+
+
 def format_tables(results: dict) -> str:
-    """One markdown table per task: the best learning rate's accuracy at every evaluation point,
-    the validation accuracy of every learning rate tried, parameters, ms per step, peak RSS."""
+    """One markdown table per task: the best learning rate's score (accuracy, or bits per
+    character) at every evaluation point, the validation score of every learning rate tried,
+    parameters, ms per step, peak RSS."""
     out = []
     for task, res in results["tasks"].items():
         xs = res["eval_x"]
-        out.append(f"### {task} (x = {res['x_label']}; chance {res['chance']:.3f})\n")
-        head = ["contender", "params", "ms/step", "val acc by lr", *(_x(x, task) for x in xs), "peak RSS MB"]
+        metric = res.get("metric", "acc")
+        about = (
+            f"chance {res['chance']:.3f}" if res.get("chance") is not None else "bits per character, lower is better"
+        )
+        out.append(f"### {task} (x = {res['x_label']}; {about})\n")
+        head = ["contender", "params", "ms/step", f"val {metric} by lr", *(_x(x, task) for x in xs), "peak RSS MB"]
         out.append("| " + " | ".join(head) + " |")
         out.append("| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |")
         by_name: dict[str, list[dict]] = {}
@@ -30,14 +43,15 @@ def format_tables(results: dict) -> str:
             by_name.setdefault(run["contender"], []).append(run)
         for name, runs in by_name.items():
             best = next((r for r in runs if r["best"]), None)
-            sweep = ", ".join(
-                f"{r['lr']:g}: {r['val_acc']:.2f}" if r["failure"] is None else f"{r['lr']:g}: failed" for r in runs
-            )
+            sweep = ", ".join(_val(r, metric) for r in runs)
             points = {p["x"]: p for p in res["evals"].get(name, [])}
             cells = []
             for x in xs:
                 p = points.get(x)
-                cells.append("—" if p is None else ("skip" if "skipped" in p else f"{p['acc']:.3f}"))
+                if p is None or p.get(metric, 0) is None:
+                    cells.append("—")
+                else:
+                    cells.append("skip" if "skipped" in p else f"{p[metric]:.3f}")
             rss = [p["peak_rss_mb"] for p in points.values() if p.get("peak_rss_mb") is not None]
             ms = best["ms_per_step"] if best and best["ms_per_step"] else runs[0]["ms_per_step"]
             row = [name, f"{runs[0]['params']:,}", f"{ms:.0f}" if ms else "—", sweep, *cells]
@@ -58,12 +72,12 @@ def format_tables(results: dict) -> str:
 
 
 def plot_results(results: dict, path: str | Path) -> bool:
-    """Accuracy against distance / length (log x), one line per contender, one panel per task;
-    False when matplotlib is missing."""
-    plt = pyplot()
+    """Accuracy against distance / length (log x), one line per contender, one panel per task
+    scored by accuracy; False when matplotlib is missing or no task is."""
+    tasks = [(t, res) for t, res in results["tasks"].items() if res.get("metric", "acc") == "acc"]
+    plt = pyplot() if tasks else None  # bits per character are a table only
     if plt is None:
         return False
-    tasks = list(results["tasks"].items())
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, (task, res) in zip(axes[0], tasks):
         for name, pts in res["evals"].items():

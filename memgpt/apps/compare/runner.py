@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -26,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +191,7 @@ def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         progress.update(step + 1, f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    record = dict(
+    record: dict[str, Any] = dict(
         task=task_name,
         contender=name,
         lr=lr,
@@ -205,7 +207,9 @@ def train_run(task_name: str, name: str, lr: float, dim: int, cfg: CompareConfig
     if failure is None:
         record |= _validate(c, task, cfg)
         torch.save(c.model.state_dict(), ckpt)
-    progress.update(cfg.steps, f"val acc {record.get('val_acc', float('nan')):.3f}", force=True)
+    val_acc, val_loss = float(record.get("val_acc", math.nan)), float(record.get("val_loss", math.nan))
+    note = f"val bpc {val_loss / math.log(2):.3f}" if task.metric == "bpc" else f"val acc {val_acc:.3f}"
+    progress.update(cfg.steps, note, force=True)
     return record
 
 
@@ -215,11 +219,12 @@ def _validate(c: Contender, task: SuiteTask, cfg: CompareConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # held out: another seed
     loss = 0.0
     correct = total = 0
+    make = task.make_val or task.make
     for x in task.train_x:
         left = cfg.val_samples
         while left > 0:
             b = min(left, cfg.eval_batch_size)
-            sl, sc, st = _sample_loss(c, task.make(x), b, gen, task.vocab_size, [True])
+            sl, sc, st = _sample_loss(c, make(x), b, gen, task.vocab_size, [True])
             loss, correct, total, left = loss + float(sl), correct + sc, total + st, left - b
     return dict(val_acc=correct / max(1, total), val_loss=loss / max(1, total))
 
@@ -242,17 +247,12 @@ def _peak_rss_mb() -> float | None:
 
 
 @torch.no_grad()
-def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str, eval_x: tuple[int, ...]) -> dict:
-    """Stream held-out samples at every evaluation point; skip the points its budget cannot fit."""
-    torch.set_num_threads(1)
-    task = TASKS[task_name]
-    c = _build(name, task, cfg, dim, cfg.seed)
-    c.model.load_state_dict(torch.load(ckpt, weights_only=True))
-    c.model.eval()
+def _accuracy_points(c: Contender, task: SuiteTask, cfg: CompareConfig, eval_x: tuple, progress: _Progress) -> list:
+    """Accuracy on held-out samples at each evaluation point, streamed; the points that its
+    ``max_tokens`` or the evaluation budget cannot fit are rows that say so."""
     gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
-    points, spent, per_segment = [], 0.0, None
-    _progress_to_stderr()
-    progress = _Progress(f"{task_name} {name} eval", len(eval_x), every=0.0)
+    points: list[dict] = []
+    spent, per_segment = 0.0, None
     for i, x in enumerate(eval_x):
         segments = task.segments(x)
         tokens = segments * task.make(x).segment_len
@@ -286,13 +286,39 @@ def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str,
             dict(x=x, acc=correct / max(1, total), answers=total, seconds=seconds, peak_rss_mb=_peak_rss_mb())
         )
         progress.update(i + 1, f"x={x} acc {points[-1]['acc']:.3f}", force=True)
+    return points
+
+
+@torch.no_grad()
+def eval_run(task_name: str, name: str, dim: int, cfg: CompareConfig, ckpt: str, eval_x: tuple) -> dict:
+    """Evaluate one trained contender: stream held-out samples at every evaluation point (or the
+    task's own evaluation); skip the points its budget cannot fit."""
+    torch.set_num_threads(1)
+    task = TASKS[task_name]
+    c = _build(name, task, cfg, dim, cfg.seed)
+    c.model.load_state_dict(torch.load(ckpt, weights_only=True))
+    c.model.eval()
+    _progress_to_stderr()
+    progress = _Progress(f"{task_name} {name} eval", len(eval_x), every=0.0)
+    if task.evaluate is not None:  # a task with its own evaluation (text: bits per character)
+        _peak_rss_reset()
+        points = [p | dict(peak_rss_mb=_peak_rss_mb()) for p in task.evaluate(c, cfg.eval_batch_size, cfg.quick)]
+        done = [f"{p['x']} {p[task.metric]:.3f}" for p in points if p.get(task.metric) is not None]
+        progress.update(len(eval_x), ", ".join(done) or points[0].get("skipped", ""), force=True)
+    else:
+        points = _accuracy_points(c, task, cfg, eval_x, progress)
     return dict(
         task=task_name,
         contender=name,
         points=points,
-        chance=task.make(task.train_x[0]).chance,
+        chance=_chance(task),
         budget_s=cfg.eval_budget_s,
     )
+
+
+def _chance(task: SuiteTask) -> float | None:
+    """Accuracy by guessing (None for a task scored in bits per character)."""
+    return getattr(task.make(task.train_x[0]), "chance", None)
 
 
 # ---------------------------------------------------------------------------------------- suite
@@ -309,9 +335,14 @@ def _journal_add(path: Path, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def _best_lr(runs: list[dict]) -> float | None:
+def _best_lr(runs: list[dict], metric: str = "acc") -> float | None:
+    """The learning rate with the best validation accuracy, then loss (``metric`` ``bpc``: loss only)."""
     ok = [r for r in runs if r["failure"] is None]
-    return max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))["lr"] if ok else None
+    if not ok:
+        return None
+    if metric == "bpc":
+        return min(ok, key=lambda r: r["val_loss"])["lr"]
+    return max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))["lr"]
 
 
 def run_compare(
@@ -378,7 +409,7 @@ def run_compare(
                 return all((name, lr) in runs for lr in cfg.lrs)
 
             def submit_eval(name: str) -> None:
-                lr = _best_lr([runs[(name, lr)] for lr in cfg.lrs])
+                lr = _best_lr([runs[(name, lr)] for lr in cfg.lrs], task.metric)
                 if lr is None:
                     return
                 best[name] = lr
@@ -431,7 +462,8 @@ def run_compare(
             results["tasks"][task_name] = dict(
                 x_label=task.x_label,
                 eval_x=list(eval_x),
-                chance=task.make(task.train_x[0]).chance,
+                chance=_chance(task),
+                metric=task.metric,
                 runs=[runs[(n, lr)] | {"best": best.get(n) == lr} for n in dims for lr in cfg.lrs if (n, lr) in runs],
                 evals={name: evals[name] for name in dims if name in evals},
                 unavailable=missing | ({} if cfg.contenders else NOT_BY_DEFAULT),

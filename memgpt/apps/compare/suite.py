@@ -9,34 +9,54 @@ evaluated far beyond them, on samples streamed segment by segment:
   key asked once in the 2 query segments that follow a gap of ``g`` filler segments (trained at
   ``g`` = 0 ... 4); evaluated at ``g`` = 1 ... 256;
 - ``passkey``: :class:`~memgpt.tasks.PasskeyTask`, a 4-digit passkey in segment 0 asked for
-  ``d`` segments later; evaluated on haystacks of 1k ... 1M tokens.
+  ``d`` segments later; evaluated on haystacks of 1k ... 1M tokens;
+- ``text``: the stdlib character LM (:mod:`.text_task`): trained on windows of 8 segments, scored
+  in bits per character on the first 2,048 characters of each held-out file, overall and on the
+  far-copyable characters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ...tasks import MQARTask, PasskeyTask, RecallTask, TaskBatch
+from ...tasks.text_windows import TextWindowTask
+from .contender import SEGMENT_LEN, Contender
+from .text_task import TEXT_POINTS, text_points, windows
 
 __all__ = ["SuiteTask", "TASKS", "segments_of"]
+
+
+Task = RecallTask | PasskeyTask | MQARTask | TextWindowTask
 
 
 @dataclass(frozen=True)
 class SuiteTask:
     """``make(x)``: the task instance whose samples put the answers at evaluation point ``x``
     (a distance in segments, or a haystack length in tokens); ``train_x``: the points sampled
-    uniformly per training batch; ``eval_x``: the evaluation points; ``x_label``: what x is."""
+    uniformly per training batch; ``eval_x``: the evaluation points; ``x_label``: what x is.
+
+    ``metric``: ``acc`` (accuracy on the answers, higher is better; the best learning rate has the
+    best validation accuracy, then loss) or ``bpc`` (bits per character, lower is better; the best
+    learning rate has the lowest validation loss). ``make_val``: the validation task at a training
+    point (default ``make``, sampled with another seed). ``evaluate(contender, batch_size, quick)``:
+    the evaluation points of a trained contender, instead of accuracy at each of ``eval_x``.
+    """
 
     name: str
-    make: Callable[[int], RecallTask | PasskeyTask | MQARTask]
+    make: Callable[[int], Task]
     train_x: tuple[int, ...]
-    eval_x: tuple[int, ...]
-    quick_eval_x: tuple[int, ...]
+    eval_x: tuple[int | str, ...]
+    quick_eval_x: tuple[int | str, ...]
     x_label: str
+    metric: Literal["acc", "bpc"] = "acc"
+    make_val: Callable[[int], Task] | None = None
+    evaluate: Callable[[Contender, int, bool], list[dict]] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -47,13 +67,11 @@ class SuiteTask:
         return task.seq_len // task.segment_len
 
 
-def segments_of(
-    task: RecallTask | PasskeyTask | MQARTask, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[Tensor, Tensor]]:
+def segments_of(task: Task, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
     """(ids (b T), targets (b T)) for each segment of a sample of ``task``; streamed without
     materialising the sample when the task can (``task.segments``)."""
-    stream = getattr(task, "segments", None)
-    if stream is not None:
+    stream = getattr(task, "segments", None)  # TextWindowTask.segments is a count, not a stream
+    if callable(stream):
         yield from stream(batch_size, generator)
         return
     batch: TaskBatch = task.sample(batch_size, generator)
@@ -62,7 +80,6 @@ def segments_of(
         yield batch.input_ids[:, s : s + T], batch.targets[:, s : s + T]
 
 
-SEGMENT_LEN = 16
 TRAIN_DISTANCES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
@@ -92,5 +109,16 @@ TASKS: dict[str, SuiteTask] = {
         eval_x=(1024, 4096, 16384, 65536, 262144, 1048576),
         quick_eval_x=(64, 256),
         x_label="haystack length (tokens)",
+    ),
+    "text": SuiteTask(
+        name="text",
+        make=lambda _: windows("train"),
+        make_val=lambda _: windows("validation"),
+        train_x=(8,),  # segments per window (one kind of sample)
+        eval_x=TEXT_POINTS,
+        quick_eval_x=TEXT_POINTS,
+        x_label="characters of the held-out files (first 2,048 of each)",
+        metric="bpc",
+        evaluate=text_points,
     ),
 }
