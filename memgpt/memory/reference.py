@@ -107,8 +107,12 @@ def write(
     count = state.count.clone()
     g = strength.to(state.strength.dtype)
     for bi in range(b):
+        start = [1.0] * h  # the usage a new slot starts at, per head
         if eviction == "usage" and bool(mask[bi].any()):  # only the usage policy decays usage
             usage[bi] = usage[bi] * usage_decay
+            for hi in range(h):  # a fair start: the lower median of the slots filled before this write
+                filled = sorted(u for u, ok in zip(usage[bi, hi].tolist(), valid[bi, hi].tolist()) if ok)
+                start[hi] = filled[(len(filled) - 1) // 2] if filled else 1.0
         for j in range(n):
             if not bool(mask[bi, j]):
                 continue
@@ -125,7 +129,7 @@ def write(
                 out_strength[bi, hi, slot] = gain
                 valid[bi, hi, slot] = True
                 step[bi, hi, slot] = s
-                usage[bi, hi, slot] = 1.0
+                usage[bi, hi, slot] = start[hi]
             count[bi] = s + 1
     return MemoryState(
         keys=out_keys,

@@ -8,9 +8,14 @@ overwrites the slot its eviction policy chooses:
                 ``s % capacity``);
 - ``strength``: the slot with the smallest write gate ``g`` (ties: the oldest);
 - ``usage``:    the slot with the smallest usage (ties: the oldest). A row's usage decays by
-                ``usage_decay`` once per write that stores anything in it; a new slot starts
-                at usage 1. (Under the other policies usage is only set to 1 on written slots:
-                nothing reads it there, and decaying every slot would make each write O(capacity).)
+                ``usage_decay`` once per write that stores anything in it, and a new slot starts
+                at the median usage of the row's filled slots (the lower one of an even count,
+                after that decay; 1 in an empty row): a fair start, so that a new write outlives
+                the less-read half and is evicted only once it has been read less than others. (Starting at a fixed
+                value froze the store: old slots accumulate read weight past any constant, so
+                every new write was the next victim.) Under the other policies usage is only set
+                to 1 on written slots: nothing reads it there, and decaying every slot would make
+                each write O(capacity).
 
 All policies are computed for the whole write at once, without loops over tokens or slots:
 when the row overflows, the survivors are the last written token plus the ``capacity - 1``
@@ -47,6 +52,15 @@ __all__ = ["write", "USAGE_DECAY"]
 USAGE_DECAY = 0.9
 """Default ``usage_decay``: a row's slot usage is multiplied by it once per write that stores
 anything in that row (``eviction="usage"`` only)."""
+
+
+def _fair_start(usage: Tensor, valid: Tensor) -> Tensor:
+    """(b h): the (lower) median usage of each row's filled slots, 1 where a row has none
+    (``usage`` policy). A median is one of the row's own values, so no rounding decides which
+    slot goes; empty slots are left out whatever they hold."""
+    filled = valid.any(dim=-1)
+    median = torch.where(valid, usage, torch.full_like(usage, float("nan"))).nanmedian(dim=-1).values
+    return torch.where(filled, median, torch.ones_like(median))
 
 
 def _fifo_destinations(step_new: Tensor, rank: Tensor, mask: Tensor, n_written: Tensor, m: int) -> Tensor:
@@ -113,6 +127,7 @@ class _Plan(NamedTuple):
     g: Tensor  # (b h n) write gate in the metadata dtype
     step_new: Tensor  # (b n) write step per token
     usage_old: Tensor  # (b h m) usage before the write (decayed under the usage policy)
+    usage_new: Tensor  # (b h) usage of the slots this write fills
     n_written: Tensor  # (b,) tokens written per row
 
 
@@ -144,7 +159,7 @@ def _apply_in_place(state: MemoryState, keys: Tensor, values: Tensor, plan: _Pla
     Work is O(b·h·n) rows plus one host sync (the number of survivors): the surviving tokens are
     picked by a boolean mask so that ``index_copy_`` sees unique destinations only.
     """
-    dest, g, step_new, usage_old, n_written = plan
+    dest, g, step_new, usage_old, usage_new, n_written = plan
     b, h, n, dk = keys.shape
     m, dv = state.capacity, state.value_dim
     target = state if state.is_contiguous() else state.contiguous()
@@ -152,7 +167,7 @@ def _apply_in_place(state: MemoryState, keys: Tensor, values: Tensor, plan: _Pla
         target.usage.copy_(usage_old)
     start = _ring_run_start(dest, m)
     if start is not None:
-        return _write_ring_slices(state, target, start, keys, values, g, step_new, n_written)
+        return _write_ring_slices(state, target, start, keys, values, g, step_new, usage_new, n_written)
     kept = (dest < m).flatten()  # (b*h*n)
     src = kept.nonzero().squeeze(1)
     slot = (dest + (torch.arange(b * h, device=dest.device) * m).view(b, h, 1)).flatten()
@@ -168,7 +183,7 @@ def _apply_in_place(state: MemoryState, keys: Tensor, values: Tensor, plan: _Pla
     target.valid.view(-1).index_fill_(0, slot, True)
     target.strength.view(-1).index_copy_(0, slot, pick(g.reshape(-1)))
     target.step.view(-1).index_copy_(0, slot, pick(step_new[:, None, :].expand(b, h, n).reshape(-1)))
-    target.usage.view(-1).index_fill_(0, slot, 1.0)
+    target.usage.view(-1).index_copy_(0, slot, pick(usage_new[:, :, None].expand(b, h, n).reshape(-1)))
     target.count.add_(n_written)
     new = target.replace()
     state._donate()  # after replace(): the new state must not inherit the mark
@@ -196,6 +211,7 @@ def _write_ring_slices(
     values: Tensor,
     g: Tensor,
     step_new: Tensor,
+    usage_new: Tensor,
     n_written: Tensor,
 ) -> MemoryState:
     """Tokens 0..n-1 to slots start, start+1, ... (mod m) in every row and head, as at most two
@@ -213,7 +229,7 @@ def _write_ring_slices(
         target.valid[:, :, rows] = True
         target.strength[:, :, rows] = g[:, :, lo:hi]
         target.step[:, :, rows] = step_new[:, None, lo:hi]
-        target.usage[:, :, rows] = 1.0
+        target.usage[:, :, rows] = usage_new[:, :, None]
     target.count.add_(n_written)
     new = target.replace()
     state._donate()
@@ -267,18 +283,21 @@ def write(
     if eviction == "usage":
         wrote = (n_written > 0)[:, None, None]
         usage_old = torch.where(wrote, state.usage * usage_decay, state.usage)
+        usage_new = _fair_start(usage_old, state.valid)
     else:
         usage_old = state.usage
+        usage_new = torch.ones(b, h, dtype=usage_old.dtype, device=usage_old.device)
 
     if eviction == "fifo":
         dest = _fifo_destinations(step_new, rank, mask, n_written, m)[:, None, :].expand(b, h, n)
     elif eviction == "strength":
         dest = _priority_destinations(state, state.strength, g, step_new, rank, mask, n_written)
     else:  # usage
-        dest = _priority_destinations(state, usage_old, torch.ones_like(g), step_new, rank, mask, n_written)
+        prio_new = usage_new[:, :, None].expand(b, h, n)
+        dest = _priority_destinations(state, usage_old, prio_new, step_new, rank, mask, n_written)
 
     if inplace:
-        plan = _Plan(dest, g, step_new, usage_old, n_written)
+        plan = _Plan(dest, g, step_new, usage_old, usage_new, n_written)
         return (_write_logged if records else _apply_in_place)(state, keys, values, plan)
 
     # For each slot, the token that lands there (or -1); destinations are unique except the
@@ -296,6 +315,6 @@ def write(
         valid=state.valid | hit,
         strength=torch.where(hit, g.gather(2, src), state.strength),
         step=torch.where(hit, step_new[:, None, :].expand(b, h, n).gather(2, src), state.step),
-        usage=torch.where(hit, torch.ones_like(usage_old), usage_old),
+        usage=torch.where(hit, usage_new[:, :, None], usage_old),
         count=state.count + n_written,
     )
