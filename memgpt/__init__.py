@@ -4,6 +4,9 @@ The memory is explicit state: ``y, state = layer(x, state)``. Shapes are in eino
 API reference (docs/reference/index.md) has the legend.
 """
 
+# The subpackages, so that `import memgpt` is enough for `memgpt.tasks.RecallTask` and the like
+# (memgpt.apps, the command line, is imported only when run).
+from . import integrations, layers, memory, models, tasks, training
 from ._version import __version__
 from .layers import (
     FeedForward,
@@ -55,4 +58,11 @@ __all__ = [
     "MemoryTrace",
     "LayerTrace",
     "__version__",
+    # the subpackages
+    "integrations",
+    "layers",
+    "memory",
+    "models",
+    "tasks",
+    "training",
 ]
