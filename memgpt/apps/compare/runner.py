@@ -68,7 +68,8 @@ class CompareConfig:
 
 # Contenders left out of a run that names none, with the reason (they run when named).
 NOT_BY_DEFAULT = {
-    "titans": "not in the default run: ~7 s per training step at 1 thread, ~36x memgpt's (measured); "
+    "titans": "not in the default run: ~1.8 s per training step at 1 thread on an idle core (7 s beside "
+    "another job), ~12x memgpt-strength's, as its adapter re-runs the whole prefix at every segment; "
     "name it with --contenders to run it",
 }
 
