@@ -10,17 +10,44 @@ tensors and *donates* that state: any later use of it raises instead of silently
 contents that have changed (under autograd such writes are logged so that backward can undo
 them: :mod:`memgpt.memory.reversible`). It is never a module buffer (DDP would broadcast it from
 rank 0 and overwrite each rank's memory).
+
+``save``/``load`` write and read a ``safetensors`` file with a checked JSON header (format
+``memgpt.MemoryState``; the file itself is :mod:`memgpt.memory.tensor_file`'s). The store
+helpers below (``store_record``, ``store_spec``, ``check_store_values``, ...) are shared with
+the file of ``memgpt.integrations.MemoryStates``, which holds several stores.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["MemoryState", "metadata_dtype"]
+from .tensor_file import (
+    FLOAT_DTYPES,
+    TensorSpec,
+    check_values,
+    header_field,
+    read_tensor_header,
+    read_tensors,
+    write_tensor_file,
+)
+
+__all__ = ["MemoryState", "metadata_dtype", "MEMORY_STATE_FORMAT", "MEMORY_STATE_VERSION"]
+
+MEMORY_STATE_FORMAT = "memgpt.MemoryState"
+"""The ``format`` field of the header of a file written by :meth:`MemoryState.save`."""
+MEMORY_STATE_VERSION = 1
+"""The ``format_version`` of such a file that this library writes and reads."""
+
+STORE_SHAPE_KEYS = ("heads", "capacity", "key_dim", "value_dim")
+# The settings of a memory layer that decide what its store's slot metadata mean (the eviction
+# policy that maintains them, the usage decay, shifted keys); recorded when a layer is given.
+LAYER_SETTING_KEYS = ("eviction", "usage_decay", "shift_keys")
 
 
 class _WriteLog(Protocol):
@@ -28,6 +55,16 @@ class _WriteLog(Protocol):
     (named by its shape here: that module imports this one)."""
 
     token: Tensor | None
+
+
+@runtime_checkable
+class _MakesStores(Protocol):
+    """What a store's file needs of a layer: ``MemoryLayer.empty_state`` (``ResidualMemory`` and
+    ``WithMemory`` have it too). Named by its shape: memgpt.memory cannot import memgpt.layers."""
+
+    def empty_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MemoryState: ...
 
 
 def metadata_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -355,9 +392,199 @@ class MemoryState:
         )
         return cls(**tensors)
 
+    def save(self, path: str | os.PathLike, layer: nn.Module | None = None) -> None:
+        """Write the store to a ``safetensors`` file at ``path``: atomically, no pickle, a detached
+        CPU copy of keys (b h m dk), values (b h m dv), valid/strength/step/usage (b h m), count (b,).
+
+        The header records the format and its version, the library version, the batch size,
+        heads, capacity, key/value widths and dtype, and a SHA-256 over header and tensors. With
+        ``layer`` (the ``MemoryLayer`` the store belongs to, or a ``ResidualMemory``/``WithMemory``
+        around one) the store must fit it, and the header also records the layer's eviction policy,
+        usage decay and ``shift_keys``, which :meth:`load` compares with the layer it is given.
+
+        A donated store refuses (RuntimeError: save the state the write returned); a store that no
+        load would accept (a negative counter, a NaN or negative usage, ...) raises ValueError; a
+        file that cannot be written raises OSError naming ``path``. ``torch.save`` is not the way:
+        ``torch.load``'s default ``weights_only=True`` refuses the pickled class.
+        """
+        self.check_live()
+        path = os.fspath(path)
+        where = f"store to save in {path!r}"
+        record = store_record(self)
+        if layer is not None:
+            want = layer_record(layer)
+            record["layer"] = check_store_fits(where, record, want, "does not fit the layer", "the store")
+        tensors = self.to_dict()
+        check_store_values(where, tensors)
+        header = {"batch_size": self.batch_size} | record
+        write_tensor_file(path, tensors, header, format=MEMORY_STATE_FORMAT, version=MEMORY_STATE_VERSION)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        layer: nn.Module | None = None,
+        *,
+        map_location: torch.device | str | None = None,
+    ) -> MemoryState:
+        """Read a store written by :meth:`save`: a new, checked state, or ValueError naming the file,
+        the expected and the actual value (a corrupt, truncated, foreign or newer file, another
+        layer's store). A missing file raises FileNotFoundError.
+
+        Checks, in order: the file parses; its header is a ``memgpt.MemoryState`` header of a
+        version this library reads, and complete; the tensors are exactly those the header implies
+        (names, dtypes, shapes); the SHA-256 matches; ``valid`` is 0/1, ``count`` and ``step`` are
+        >= 0, ``strength`` is finite and ``usage`` finite and >= 0; with ``layer``, the heads,
+        capacity and widths are the layer's, and so are the eviction settings when the file has them.
+
+        The store lands on ``map_location``, else on the device of ``layer``'s parameters, else the CPU.
+        """
+        want = None if layer is None else layer_record(layer)  # a wrong argument fails before any reading
+        where = repr(os.fspath(path))
+        header = read_tensor_header(path, format=MEMORY_STATE_FORMAT, version=MEMORY_STATE_VERSION)
+        batch = header_batch_size(where, header)
+        check_store_record(where, header)
+        tensors = read_tensors(path, header, store_spec(header, batch))
+        check_store_values(where, tensors)
+        # Integrity first, then compatibility: a corrupt file is reported as corrupt, not as "another layer".
+        if want is not None:
+            check_store_fits(where, header, want, "was saved for another layer", "the file")
+        try:
+            state = cls.from_dict(tensors)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: inconsistent state file: {e}") from e
+        if map_location is None and layer is not None:
+            map_location = layer_device(layer)
+        return state if map_location is None else state.to(map_location)
+
     def __repr__(self) -> str:
         return (
             f"MemoryState(batch_size={self.batch_size}, heads={self.heads}, capacity={self.capacity}, "
             f"key_dim={self.key_dim}, value_dim={self.value_dim}, dtype={self.dtype}, device={self.device}, "
             f"requires_grad={self.keys.requires_grad or self.values.requires_grad})"
         )
+
+
+# ---------------------------------------------------------------------- a store in a file
+# One store's part of a file header, its *record*: heads, capacity, key_dim, value_dim, dtype (the
+# storage dtype's name) and layer (None, or the eviction settings of the layer it was saved with).
+# A MemoryState file's header is ``batch_size`` plus one record; a MemoryStates file's holds a
+# list of them. The same helpers check both.
+
+
+def store_record(state: MemoryState) -> dict[str, Any]:
+    """The header record of ``state``: its shapes and dtype, ``layer`` None."""
+    shapes = dict(zip(STORE_SHAPE_KEYS, (state.heads, state.capacity, state.key_dim, state.value_dim)))
+    return shapes | {"dtype": str(state.dtype).removeprefix("torch."), "layer": None}
+
+
+def header_batch_size(where: str, header: Mapping[str, Any]) -> int:
+    """The header's ``batch_size``: an int >= 1, else ValueError."""
+    batch = header_field(where, header, "batch_size", int)
+    if batch < 1:
+        raise ValueError(f"{where}: batch_size must be >= 1, got {batch}")
+    return batch
+
+
+def check_store_record(where: str, record: Mapping[str, Any]) -> None:
+    """ValueError unless ``record`` is a complete record: positive int shapes, a storage dtype this
+    library saves, and ``layer`` None or the eviction settings (eviction, usage_decay, shift_keys)."""
+    for key in STORE_SHAPE_KEYS:
+        value = header_field(where, record, key, int)
+        if value < 1:
+            raise ValueError(f"{where}: {key} must be >= 1, got {value}")
+    if header_field(where, record, "dtype", str) not in FLOAT_DTYPES:
+        raise ValueError(f"{where}: dtype expected one of {sorted(FLOAT_DTYPES)}, got {record['dtype']!r}")
+    if "layer" not in record:
+        raise ValueError(f"{where}: header field 'layer' expected None or the layer's eviction settings, got none")
+    settings = record["layer"]
+    if settings is None:
+        return
+    if not isinstance(settings, dict) or sorted(settings) != sorted(LAYER_SETTING_KEYS):
+        got = sorted(settings) if isinstance(settings, dict) else settings
+        raise ValueError(
+            f"{where}: header field 'layer' expected None or keys {sorted(LAYER_SETTING_KEYS)}, got {got!r}"
+        )
+    header_field(where, settings, "eviction", str)
+    decay = header_field(where, settings, "usage_decay", (int, float))
+    if isinstance(decay, bool) or not 0 <= decay <= 1:
+        raise ValueError(f"{where}: usage_decay expected a float in [0, 1], got {decay!r}")
+    header_field(where, settings, "shift_keys", bool)
+
+
+def store_spec(record: Mapping[str, Any], batch_size: int, prefix: str = "") -> TensorSpec:
+    """name -> (shape, dtype) of the tensors of a store of ``batch_size`` rows and ``record``
+    (checked by :func:`check_store_record`), each name ``prefix`` + a field name."""
+    b, (h, m, dk, dv) = batch_size, (record[k] for k in STORE_SHAPE_KEYS)
+    dtype = FLOAT_DTYPES[record["dtype"]]
+    meta, long = metadata_dtype(dtype), torch.long
+    shapes = {
+        "keys": ((b, h, m, dk), dtype),
+        "values": ((b, h, m, dv), dtype),
+        "valid": ((b, h, m), torch.bool),
+        "strength": ((b, h, m), meta),
+        "step": ((b, h, m), long),
+        "usage": ((b, h, m), meta),
+        "count": ((b,), long),
+    }
+    return {prefix + name: shape for name, shape in shapes.items()}
+
+
+def check_store_values(where: str, tensors: Mapping[str, Tensor], prefix: str = "") -> None:
+    """The ranges a store's fields must be in (``tensors``: name -> tensor, as :func:`store_spec`
+    names them): ``valid`` 0 or 1 (its bytes), ``count`` and ``step`` >= 0, ``strength`` finite,
+    ``usage`` finite and >= 0. Else ValueError naming the tensor and the first bad value."""
+    check_values(where, prefix + "valid", tensors[prefix + "valid"].view(torch.uint8), 0, 1)
+    check_values(where, prefix + "count", tensors[prefix + "count"], 0)
+    check_values(where, prefix + "step", tensors[prefix + "step"], 0)
+    check_values(where, prefix + "strength", tensors[prefix + "strength"], finite=True)
+    check_values(where, prefix + "usage", tensors[prefix + "usage"], 0, finite=True)
+
+
+def layer_settings(layer: object) -> dict[str, Any] | None:
+    """The eviction settings (eviction, usage_decay, shift_keys) of ``layer``, a ``MemoryLayer``,
+    or of the one it wraps (``ResidualMemory.layer``, ``WithMemory.memory``); None if it has none."""
+    obj: object = layer
+    for _ in range(3):
+        if all(hasattr(obj, k) for k in LAYER_SETTING_KEYS):
+            eviction, decay, shift = (getattr(obj, k) for k in LAYER_SETTING_KEYS)
+            return {"eviction": str(eviction), "usage_decay": float(decay), "shift_keys": bool(shift)}
+        inner = getattr(obj, "layer", None)
+        obj = inner if inner is not None else getattr(obj, "memory", None)
+        if obj is None:
+            break
+    return None
+
+
+def layer_record(layer: object, what: str = "layer") -> dict[str, Any]:
+    """The record a store made by ``layer`` has (no dtype: a layer takes a store of any float
+    dtype): its shapes, from its ``empty_state`` on the meta device, and :func:`layer_settings`."""
+    if not isinstance(layer, _MakesStores):
+        raise TypeError(f"{what} must be a MemoryLayer (or a module with its empty_state), got {type(layer).__name__}")
+    empty = layer.empty_state(1, device="meta")
+    if not isinstance(empty, MemoryState):
+        raise TypeError(f"{what}.empty_state must return a MemoryState, got {type(empty).__name__}")
+    return store_record(empty) | {"dtype": None, "layer": layer_settings(layer)}
+
+
+def check_store_fits(
+    where: str, record: Mapping[str, Any], want: Mapping[str, Any], problem: str, ours: str, what: str = "layer"
+) -> dict[str, Any] | None:
+    """ValueError ``"{where} {problem}: {key} expected {the layer's} (the layer), got {ours'} ({ours})"``
+    unless ``record`` has the shapes of ``want`` (a :func:`layer_record`) and, when both have them,
+    its eviction settings. Returns ``want``'s eviction settings."""
+    checks = [(k, want[k], record[k]) for k in STORE_SHAPE_KEYS]
+    if want["layer"] is not None and record.get("layer") is not None:
+        checks += [(k, want["layer"][k], record["layer"][k]) for k in LAYER_SETTING_KEYS]
+    for key, expected, actual in checks:
+        if expected != actual:
+            raise ValueError(f"{where} {problem}: {key} expected {expected!r} (the {what}), got {actual!r} ({ours})")
+    return want["layer"]
+
+
+def layer_device(layer: object) -> torch.device | None:
+    """The device of ``layer``'s first parameter (None: a module without parameters, or not a module)."""
+    if not isinstance(layer, nn.Module):
+        return None
+    p = next(layer.parameters(), None)
+    return None if p is None else p.device

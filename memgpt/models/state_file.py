@@ -16,25 +16,32 @@ complete; it matches the model (when one is given); the tensors are exactly thos
 implies, with the dtypes and shapes it implies; the digest matches (any flipped byte); values
 are in range. Only then is a new state built, so a failed load never leaves anything
 half-loaded. Every error names the file, the expected and the actual value.
+
+The file itself (atomic write, the digest, the checks that do not depend on the state) is
+:mod:`memgpt.memory.tensor_file`'s, shared with the files of ``MemoryState`` and ``MemoryStates``;
+this module adds what a ``MemGPTState`` file holds.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import uuid
-from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
-from .._version import __version__
 from ..memory.state import metadata_dtype
+from ..memory.tensor_file import (
+    FLOAT_DTYPES,
+    check_layout,
+    check_values,
+    digest,
+    header_field,
+    read_tensor_header,
+    read_tensors,
+    write_tensor_file,
+)
+from ..memory.tensor_file import METADATA_KEY as METADATA_KEY  # the header's metadata entry, here as before
 from .config import MemGPTConfig
-
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
 
 __all__ = [
     "STATE_FORMAT",
@@ -51,7 +58,11 @@ STATE_FORMAT = "memgpt.MemGPTState"
 """The ``format`` field of a state file's header."""
 STATE_VERSION = 2  # 1 was torch.save (read with weights_only=True); 2 is safetensors
 """The ``format_version`` this library writes (2: safetensors with a JSON header)."""
-METADATA_KEY = "memgpt.state"
+
+# The tensor file's, under the names this module had for them.
+_DTYPES = FLOAT_DTYPES
+_digest = digest
+_field = header_field
 
 # The settings of MemGPTConfig that decide what a state holds and means (shapes, the eviction
 # policy that maintains the slot metadata, the token ids kept in ``previous``). Settings that
@@ -78,17 +89,6 @@ LEGACY_DEFAULTS = {"shift_keys": False}
 
 def _with_legacy_defaults(config: dict) -> dict:
     return {k: v for k, v in LEGACY_DEFAULTS.items() if k not in config} | config
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "I64": torch.long,
-    "BOOL": torch.bool,
-}
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 
 
 def config_of(model: nn.Module | MemGPTConfig, what: str = "model") -> MemGPTConfig:
@@ -134,109 +134,37 @@ def state_spec(config: dict, batch_size: int, dtype: torch.dtype) -> dict[str, t
     return spec
 
 
-def _digest(header: dict, tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over the header (without its digest) and every tensor's name, dtype, shape, bytes."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # every dtype here is 1, 2, 4 or 8 bytes wide. The cast: an ndarray is a buffer, but numpy's
-        # stubs declare its __buffer__ for Python >= 3.12 only.
-        h.update(cast("Buffer", t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
-def _check_layout(where: str, layout: dict[str, tuple], spec: dict[str, tuple]) -> None:
-    """``layout`` and ``spec``: name -> (shape, dtype); the names, shapes and dtypes must agree."""
-    missing, extra = sorted(set(spec) - set(layout)), sorted(set(layout) - set(spec))
-    if missing or extra:
-        raise ValueError(f"{where}: expected {len(spec)} state tensors; missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, (shape, dtype) in spec.items():
-        if layout[name] != (shape, dtype):
-            got_shape, got_dtype = layout[name]
-            raise ValueError(f"{where}: tensor {name!r} expected {dtype} {shape}, got {got_dtype} {got_shape}")
-
-
 def write_state_file(
     path: str | os.PathLike, tensors: dict[str, Tensor], config: MemGPTConfig, batch_size: int
 ) -> None:
     """Write a state's flat ``tensors`` (name -> tensor, as :func:`state_spec` lays them out for
     ``config``) to ``path`` atomically: a temporary file in the same folder, then ``os.replace``;
-    a crash mid-save leaves the previous file intact. The tensors are detached and copied to CPU."""
+    a crash mid-save leaves the previous file intact. The tensors are detached and copied to CPU.
+    A file that cannot be written raises OSError naming ``path``."""
     settings = state_config(config)
     path = os.fspath(path)
     dtype = tensors["layers.0.memory.keys"].dtype if config.depth else torch.get_default_dtype()
     if str(dtype).removeprefix("torch.") not in _DTYPES:
         raise ValueError(f"cannot save a state of dtype {dtype}: expected one of {sorted(_DTYPES)}")
-    # clone: safetensors refuses tensors that share storage, and the file must not alias the state.
-    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    _check_layout(
+    check_layout(
         f"state to save in {path!r} (made for another model?)",
         {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
         state_spec(settings, batch_size, dtype),
     )
     header = {
-        "format": STATE_FORMAT,
-        "format_version": STATE_VERSION,
-        "library_version": __version__,
         "batch_size": batch_size,
         "dtype": str(dtype).removeprefix("torch."),
         "config": settings,
         "layers": [[settings["memory_heads"], settings["memory_capacity"], settings["key_dim"], settings["value_dim"]]]
         * settings["depth"],
     }
-    header["sha256"] = _digest(header, tensors)
-
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # same folder, so os.replace is atomic
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _field(where: str, header: dict, key: str, kind: type | tuple[type, ...]):
-    value = header.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise ValueError(f"{where}: header field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+    write_tensor_file(path, tensors, header, format=STATE_FORMAT, version=STATE_VERSION)
 
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a state file, checked for format, version and completeness."""
-    from safetensors import safe_open
-
     where = repr(os.fspath(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no memgpt state file at {where}")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error type (and OSError, ...) for any bad file
-        raise ValueError(f"{where} is not a readable safetensors file (a memgpt state file is one): {e}") from e
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{where} is not a memgpt state file: no {METADATA_KEY!r} entry in its metadata")
-    try:
-        header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: corrupt state header (not JSON: {e})") from e
-    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
-        got = header.get("format") if isinstance(header, dict) else type(header).__name__
-        raise ValueError(f"{where}: expected format {STATE_FORMAT!r}, got {got!r}")
-    version = header.get("format_version")
-    if version != STATE_VERSION:
-        raise ValueError(
-            f"{where}: unsupported state file version: expected {STATE_VERSION}, got {version!r} "
-            f"(written by memgpt {header.get('library_version')!r})"
-        )
-    _field(where, header, "library_version", str)
-    _field(where, header, "sha256", str)
+    header = read_tensor_header(path, format=STATE_FORMAT, version=STATE_VERSION)
     if _field(where, header, "batch_size", int) < 1:
         raise ValueError(f"{where}: batch_size must be >= 1, got {header['batch_size']}")
     if _field(where, header, "dtype", str) not in _DTYPES:
@@ -265,30 +193,7 @@ def _check_values(where: str, tensors: dict[str, Tensor], config: dict) -> None:
         checks += [(p + "memory.count", 0, None), (p + "memory.step", 0, None), (p + "memory.strength", 0, 1)]
         checks += [(p + "memory.usage", 0, None), (p + "buffer.strength", 0, 1)]
     for name, lo, hi in checks:
-        t = tensors[name]
-        ok = (t >= lo) if hi is None else (t >= lo) & (t <= hi)  # NaN fails both
-        if not bool(ok.all()):
-            bad = t[~ok][0].item()
-            bounds = f"[{lo}, {hi if hi is not None else 'inf'}]"
-            raise ValueError(f"{where}: tensor {name!r} expected values in {bounds}, got {bad}")
-
-
-def _read_tensors(where: str, path: str, spec: dict) -> dict[str, Tensor]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            # Names, shapes and dtypes first, from the file's own header: nothing is read if one is wrong.
-            layout = {}
-            for name in f.keys():
-                s = f.get_slice(name)
-                layout[name] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
-            _check_layout(where, layout, spec)
-            return {name: f.get_tensor(name) for name in spec}
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors' own error type, OSError, ...
-        raise ValueError(f"{where}: unreadable tensor data: {e}") from e
+        check_values(where, name, tensors[name], lo, hi)  # NaN fails every bound
 
 
 def read_state_file(
@@ -305,13 +210,7 @@ def read_state_file(
     header = read_header(path)
     settings, batch = _with_legacy_defaults(header["config"]), header["batch_size"]
     stored = _DTYPES[header["dtype"]]
-    tensors = _read_tensors(where, os.fspath(path), state_spec(settings, batch, stored))
-    digest = _digest(header, tensors)
-    if digest != header["sha256"]:
-        raise ValueError(
-            f"{where}: corrupt state file: SHA-256 of header and tensors expected {header['sha256'][:16]}..., "
-            f"got {digest[:16]}..."
-        )
+    tensors = read_tensors(path, header, state_spec(settings, batch, stored))  # layout, then the digest
     _check_values(where, tensors, settings)
     # Integrity first, then compatibility: a corrupt file is reported as corrupt, not as "another model".
     if want is not None:
