@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,23 @@ def top_k_arg(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: read every slot), got {value}")
     return value or None
+
+
+def device_arg(text: str) -> str:
+    """argparse type: ``auto`` or a torch device this machine has (``cuda`` only where
+    ``torch.cuda.is_available()``); the text itself, for :func:`resolve_device`."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(
+                f"expected auto, cpu, cuda, cuda:N, ... (a torch device), got {text!r}"
+            ) from None
+    try:
+        resolve_device(text)  # a CUDA device this machine lacks: the one line that says so
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def distance_list(text: str) -> tuple[int, ...]:
@@ -186,16 +204,37 @@ def _train_on(args: argparse.Namespace, device: str, is_main: bool) -> int:
     return 0
 
 
+EVAL_DISTANCES = (1, 2, 4, 8)  # eval's default distances (recall and passkey checkpoints)
+TEXT_EVAL_FLAGS = ("eval_split", "eval_max_chars", "eval_files")  # eval's flags for text checkpoints only
+
+
 def _eval(args: argparse.Namespace) -> int:
-    payload = load_checkpoint(args.checkpoint)
-    if payload["task"] not in ("recall", "passkey"):
+    try:
+        payload = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:  # one line: torch's own explanation runs to several
+        raise SystemExit(f"memgpt eval: {str(e).splitlines()[0]}") from None
+    task_name = payload["task"]
+    if task_name == "text":
+        if args.distances is not None:
+            raise SystemExit(
+                f"memgpt eval: {args.checkpoint} is a character-LM checkpoint (task 'text'), scored in bits per "
+                "character; --distances is for recall and passkey checkpoints only"
+            )
+        return _eval_text(args, payload)
+    if task_name not in ("recall", "passkey"):
         raise SystemExit(
-            f"memgpt eval: {args.checkpoint} was trained on task {payload['task']!r}; eval scores the recall and "
-            "passkey tasks by distance (a text checkpoint is scored by `python -m memgpt text --reuse`)"
+            f"memgpt eval: {args.checkpoint} was trained on task {task_name!r}; eval scores recall and passkey "
+            "checkpoints by distance and text checkpoints in bits per character"
+        )
+    given = [f"--{name.replace('_', '-')}" for name in TEXT_EVAL_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise SystemExit(
+            f"memgpt eval: {', '.join(given)}: for text checkpoints only; {args.checkpoint} was trained on task "
+            f"{task_name!r} (scored by --distances)"
         )
     trainer = Trainer.load(args.checkpoint, device=args.device)
     results = {}
-    for d in args.distances:
+    for d in args.distances or EVAL_DISTANCES:
         task = make_task(payload["task"], **{**payload["task_kwargs"], "distance": d})
         assert isinstance(task, (RecallTask, PasskeyTask))  # the two tasks admitted above
         row = {trainer.kind: evaluate(trainer.model, trainer.kind, task, batches=4, batch_size=128, seed=args.seed)}
@@ -212,12 +251,63 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_text(args: argparse.Namespace, payload: dict) -> int:
+    """A checkpoint of the ``text`` command, scored as that command scores it: bits per character
+    on held-out stdlib files (overall, far-copyable), the copy probe and, for the memory model,
+    the probe with its memory cleared."""
+    from ..models.config import MemGPTConfig
+    from ..models.model import MemGPTModel
+    from ..tasks.stdlib_text import StdlibCorpus
+    from .text import KINDS, TextConfig, evaluate_text
+
+    kind = payload["kind"]
+    if kind not in KINDS:
+        raise SystemExit(
+            f"memgpt eval: {args.checkpoint} is a text checkpoint of model kind {kind!r}; text is scored for "
+            f"{' and '.join(KINDS)} models"
+        )
+    task_kwargs = payload["task_kwargs"]
+    model = MemGPTModel(MemGPTConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"])
+    model = model.to(resolve_device(args.device))
+    cfg = TextConfig(
+        segment_len=model.config.segment_len,
+        segments=task_kwargs["segments"],
+        root=task_kwargs.get("root"),
+        eval_split=args.eval_split or "test",
+        eval_max_chars=args.eval_max_chars or 0,
+        eval_files=args.eval_files or 0,
+    )
+    results = evaluate_text({kind: model}, cfg, StdlibCorpus.scan(cfg.root))
+    # JSON has no NaN: a mean over no characters (no far-copyable one in short files) is null
+    row = {k: (v if math.isfinite(v) else None) for k, v in results[kind].items() if k != "eval_seconds"}
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "task": "text",
+                "kind": kind,
+                "step": payload["step"],
+                "eval_split": cfg.eval_split,
+                "files": len(results["files"]),
+                "characters": results["characters"],
+                "far_copyable_fraction": results["far_copyable_fraction"],
+                "bits_per_character": row,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memgpt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+        sp.add_argument(
+            "--device", type=device_arg, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
+        )
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for this run (0: leave as is)")
 
@@ -312,10 +402,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="a checkpoint to continue from (same data stream)")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint by distance (and its ablation)")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: recall/passkey by distance (and its ablation), text in bits per character",
+    )
     common(e)
-    e.add_argument("checkpoint")
-    e.add_argument("--distances", type=distance_list, nargs="+", default=[(1, 2, 4, 8)], help="1,2,4 or 1 2 4")
+    e.add_argument("checkpoint", help="OUT/TASK-MODEL.pt of `train`, or OUT/text-KIND.pt of `text`")
+    e.add_argument(
+        "--distances",
+        type=distance_list,
+        nargs="+",
+        default=None,
+        help="recall/passkey: 1,2,4 or 1 2 4 (default " + ",".join(map(str, EVAL_DISTANCES)) + ")",
+    )
+    e.add_argument(
+        "--eval-split", choices=("test", "validation"), default=None, help="text: held-out split (default test)"
+    )
+    e.add_argument(
+        "--eval-max-chars",
+        type=positive_int,
+        default=None,
+        help="text: characters per file, from its start (default all)",
+    )
+    e.add_argument(
+        "--eval-files", type=positive_int, default=None, help="text: the split's first N files (default all)"
+    )
     e.set_defaults(func=_eval)
     return p
 

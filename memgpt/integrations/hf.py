@@ -8,6 +8,8 @@
     out = mm(input_ids, attention_mask=mask)                          # first segment: empty memory
     out = mm(next_ids, attention_mask=next_mask, memory_state=out.memory_state.detach())
     out.logits, out.memory_state                                      # the HF output + the new memory
+    gen = mm.generate(prompt, attention_mask=pmask, memory_state=out.memory_state, max_new_tokens=20)
+    gen.sequences, gen.memory_state                                   # greedy/sampling, memory carried
 
 Each call is one segment: its tokens read what earlier calls wrote, then its real tokens
 (``attention_mask`` 1) are written. The memory after layer ``i`` is a :class:`ResidualMemory`
@@ -25,11 +27,13 @@ between calls; calling the inner model directly while the hooks are installed ra
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 
 from ..memory import MemoryState
@@ -54,6 +58,14 @@ class _Call:
     states: dict[int, MemoryState | None]
     attention_mask: Tensor | None
     new: dict[int, MemoryState] = field(default_factory=dict)
+    written: set[int] = field(default_factory=set)  # generate: the layers any inner forward wrote
+
+    def advance(self, attention_mask: Tensor | None) -> None:
+        """generate: the next inner forward reads what the previous one wrote, under its own mask."""
+        self.written.update(self.new)
+        self.states.update(self.new)
+        self.new = {}
+        self.attention_mask = attention_mask
 
     def token_mask(self, h: Tensor) -> Tensor | None:
         """(b n) bool for hidden states h (b n d): the last n columns of the attention mask
@@ -229,24 +241,8 @@ class MemoryModel(nn.Module):
                 "gradient checkpointing re-runs layers in the backward pass, outside the call that carries the "
                 "memory state; disable it on the wrapped model"
             )
-        if len(self._handles) != len(self.after):
-            raise RuntimeError("the memory hooks were removed (MemoryModel.remove()); call the inner model directly")
-        if memory_state is None:
-            states: dict[int, MemoryState | None] = {i: None for i in self.after}
-        else:
-            if not isinstance(memory_state, MemoryStates):
-                raise TypeError(f"memory_state must be a MemoryStates or None, got {type(memory_state).__name__}")
-            if len(memory_state) != len(self.after):
-                raise ValueError(
-                    f"memory_state holds {len(memory_state)} memories, the model has {len(self.after)} "
-                    f"(after layers {list(self.after)})"
-                )
-            states = dict(zip(self.after, memory_state))
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
-            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"attention_mask must be a (b n) tensor, 1 = real token, got {got}")
-        call = _Call(states, mask)
+        self._check_hooks()
+        call = _Call(self._states(memory_state), _checked_mask(kwargs.get("attention_mask")))
         token = _CALL.set(call)
         try:
             out = self.model(input_ids, **kwargs) if input_ids is not None else self.model(**kwargs)
@@ -257,3 +253,102 @@ class MemoryModel(nn.Module):
             raise RuntimeError(f"layers {missing} did not run in this call, so their memory was not updated")
         out["memory_state"] = MemoryStates(tuple(call.new[i] for i in self.after))
         return out
+
+    def generate(self, input_ids: Tensor | None = None, *, memory_state: MemoryStates | None = None, **kwargs: Any):
+        """The wrapped model's Hugging Face ``generate``, with the memory carried through decoding.
+
+        Every forward pass ``generate`` makes (the prompt, then one per new token, reusing the KV
+        cache) is a call as in :meth:`forward`: its real tokens read the memory the previous
+        pass left, then are written. ``memory_state`` (a MemoryStates of ``b`` rows, or None:
+        empty) is what the prompt reads. Returns ``generate``'s output object
+        (``return_dict_in_generate`` is always on: ``out.sequences``, ...) with ``memory_state``
+        added: the prompt and every generated token but the last, which no forward pass saw
+        (feed it to the next call). With ``num_return_sequences=k`` each row's memory is
+        repeated k times, as ``generate`` repeats the prompt.
+
+        Greedy decoding and sampling only: beam search reorders the KV cache and not the memory;
+        assisted and contrastive decoding run tokens they then drop, which the memory would
+        keep; ``use_cache=False`` re-runs the whole sequence each step, writing it again.
+        A model without a language-model head (e.g. a BERT encoder) raises TypeError.
+        """
+        generate = getattr(self.model, "generate", None)
+        can_generate = getattr(self.model, "can_generate", None)
+        if not callable(generate) or (callable(can_generate) and not can_generate()):
+            raise TypeError(
+                f"{type(self.model).__name__} cannot generate (it has no language-model head); call the MemoryModel "
+                "itself, mm(input_ids, attention_mask=..., memory_state=...), which returns its outputs and the memory"
+            )
+        if kwargs.get("return_dict_in_generate") is False:
+            raise ValueError(
+                "return_dict_in_generate=False is not supported: the memory state travels on the output object"
+            )
+        self._check_hooks()
+        kwargs["return_dict_in_generate"] = True
+        copies = self._check_decoding(kwargs)
+        if memory_state is not None and copies > 1 and isinstance(memory_state, MemoryStates):
+            rows = torch.arange(memory_state.batch_size, device=memory_state[0].device)
+            memory_state = memory_state.index_select(rows.repeat_interleave(copies))  # as generate repeats the prompt
+        call = _Call(self._states(memory_state), None)
+        # Each inner forward (entered through the wrapped model's __call__) moves the call on.
+        step = self.model.register_forward_pre_hook(
+            lambda _module, _args, kw: call.advance(_checked_mask(kw.get("attention_mask"))), with_kwargs=True
+        )
+        token = _CALL.set(call)
+        try:
+            out = generate(input_ids, **kwargs) if input_ids is not None else generate(**kwargs)
+        finally:
+            _CALL.reset(token)
+            step.remove()
+        call.advance(None)
+        missing = [i for i in self.after if i not in call.written]
+        if missing:
+            raise RuntimeError(f"layers {missing} never ran during generate, so their memory was not updated")
+        out["memory_state"] = MemoryStates(tuple(cast(MemoryState, call.states[i]) for i in self.after))
+        return out
+
+    def _check_decoding(self, kwargs: dict[str, Any]) -> int:
+        """Refuse the decoding methods the memory cannot follow; returns num_return_sequences."""
+        if kwargs.get("custom_generate") is not None:
+            raise ValueError("custom_generate is not supported by MemoryModel.generate: its decoding is unknown")
+        transformers = _require_transformers()
+        base = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        config = copy.deepcopy(base) if base is not None else transformers.GenerationConfig()
+        config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+        mode = config.get_generation_mode(kwargs.get("assistant_model"))
+        mode = str(getattr(mode, "value", mode))
+        if mode not in ("greedy_search", "sample"):
+            raise ValueError(
+                f"MemoryModel.generate decodes greedily or by sampling (num_beams=1, no assistant), got {mode}: "
+                "beams reorder the KV cache but not the memory, and assisted or contrastive decoding would write "
+                "tokens it then drops"
+            )
+        if config.use_cache is False:
+            raise ValueError(
+                "use_cache=False is not supported by MemoryModel.generate: each step would re-run, and so write "
+                "into the memory again, every token so far"
+            )
+        return int(config.num_return_sequences or 1)
+
+    def _check_hooks(self) -> None:
+        if len(self._handles) != len(self.after):
+            raise RuntimeError("the memory hooks were removed (MemoryModel.remove()); call the inner model directly")
+
+    def _states(self, memory_state: MemoryStates | None) -> dict[int, MemoryState | None]:
+        """The store each inserted layer reads first (None: an empty one), checked against the model."""
+        if memory_state is None:
+            return {i: None for i in self.after}
+        if not isinstance(memory_state, MemoryStates):
+            raise TypeError(f"memory_state must be a MemoryStates or None, got {type(memory_state).__name__}")
+        if len(memory_state) != len(self.after):
+            raise ValueError(
+                f"memory_state holds {len(memory_state)} memories, the model has {len(self.after)} "
+                f"(after layers {list(self.after)})"
+            )
+        return dict(zip(self.after, memory_state))
+
+
+def _checked_mask(mask: Any) -> Tensor | None:
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must be a (b n) tensor, 1 = real token, got {got}")
+    return mask

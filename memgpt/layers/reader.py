@@ -90,23 +90,21 @@ class SoftmaxReader(nn.Module):
             q = F.normalize(q, dim=-1) * self.log_scale.exp()[:, None, None].to(q.dtype)
         return q.to(state.dtype)
 
-    def _scored(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState, float]:
-        """The queries, the store to score them against, and the scale to pass to the read."""
-        q = self.queries(x, state)
-        if not self.qk_norm:
-            return q, state, self.scale
-        keys = F.normalize(_wide(state.keys), dim=-1).to(state.dtype)  # empty slots stay 0 (masked anyway)
-        return q, state.replace(keys=keys), 1.0  # the scale is already in q
+    def _read_kwargs(self) -> dict:
+        """How the read scores the queries: with qk_norm against the keys' directions, the scale
+        already in q. The read normalises the keys itself (no normalised copy of the store), so a
+        store written in place under autograd is read as it is."""
+        scale = 1.0 if self.qk_norm else self.scale
+        return dict(scale=scale, top_k=self.top_k, gated_scores=self.gated_scores, normalize_keys=self.qk_norm)
 
     def forward(self, x: Tensor, state: MemoryState) -> Tensor:
         """x: (b n d), state: the memory to read -> r (b n d) in x's dtype."""
-        q, scored, scale = self._scored(x, state)
-        out = read(q, scored, scale=scale, top_k=self.top_k, gated_scores=self.gated_scores)
+        out = read(self.queries(x, state), state, **self._read_kwargs())
         return self.out_proj(rearrange(out, "b h n e -> b n (h e)").to(x.dtype))
 
     def usage(self, x: Tensor, state: MemoryState, mask: Tensor | None = None) -> Tensor:
         """Read weights each slot receives from the tokens of x (mask (b n): those to count): (b h m)."""
-        q, scored, scale = self._scored(x, state)
+        q = self.queries(x, state)
         if mask is not None:
             check_token_mask(mask, x.shape[0], x.shape[1], x.device)
-        return read_usage(q, scored, scale=scale, top_k=self.top_k, gated_scores=self.gated_scores, mask=mask)
+        return read_usage(q, state, mask=mask, **self._read_kwargs())

@@ -5,6 +5,10 @@ The softmax is always taken in float32 or wider (float64 stays float64): on CPU 
 inputs are upcast (bf16 matmuls are 18-100x slower than fp32 there), on CUDA the SDPA kernels
 accumulate the softmax in float32 themselves.
 
+With ``normalize_keys`` the keys enter the score as their directions ``k_i/|k_i|`` (cosine reads:
+:class:`memgpt.layers.SoftmaxReader` with ``qk_norm``), normalised inside the read, so that a store
+written in place under autograd needs no normalised copy and its gradient reaches the raw keys.
+
 Paths: the full read is one fused SDPA call (under autograd on CPU with the slot bias folded into
 the keys, so that the fused kernel also runs backward: :mod:`memgpt.memory.folded`). The top-k read selects chunk by chunk;
 outside autograd it weights the chosen values with the selection's own scores, under autograd it
@@ -12,6 +16,8 @@ recomputes the chosen scores so that gradients reach q, the chosen keys and thei
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +68,26 @@ def _has_valid(state: MemoryState) -> Tensor:
     return state.valid.any(dim=-1)[..., None, None]  # (b h 1 1)
 
 
+def _check_normalize_keys(normalize_keys: bool) -> None:
+    if not isinstance(normalize_keys, bool):
+        raise TypeError(f"normalize_keys must be a bool, got {type(normalize_keys).__name__} ({normalize_keys!r})")
+
+
+def _unit(keys: Tensor) -> Tensor:
+    """keys (... dk) -> their directions in keys' dtype, normalised in float32 or wider (0 stays 0)."""
+    wide = keys if keys.dtype == torch.float64 else keys.float()
+    return F.normalize(wide, dim=-1).to(keys.dtype)
+
+
+def _directions(state: MemoryState, normalize_keys: bool) -> MemoryState:
+    """``state`` with unit-length keys when ``normalize_keys`` (empty slots stay 0: masked anyway).
+
+    Never given a logged store with grad enabled: a logged read normalises inside its forward
+    and backward, where grad is off or the store is a plain shadow, so ``replace`` cannot refuse.
+    """
+    return state.replace(keys=_unit(state.keys)) if normalize_keys else state
+
+
 def read(
     q: Tensor,
     state: MemoryState,
@@ -69,19 +95,28 @@ def read(
     scale: float | None = None,
     top_k: int | None = None,
     gated_scores: bool = True,
+    normalize_keys: bool = False,
 ) -> Tensor:
     """Read the memory: ``sum_i softmax_i(score) v_i``.
 
     q: (b h n dk) in the state's dtype; returns (b h n dv) in that dtype.
-    An empty store (no valid slot in a row) reads zeros.
+    An empty store (no valid slot in a row) reads zeros. ``normalize_keys`` scores against the
+    keys' directions ``k_i/|k_i|`` (with unit-length q: cosines); gradients reach the raw keys.
     """
     check_read_args(q, state, top_k)
+    _check_normalize_keys(normalize_keys)
     s = resolve_scale(scale, state.key_dim)
     if state._log is not None and torch.is_grad_enabled():
         # A store written in place under autograd: the read records only the store's version.
-        split = _FlashSplit(s, gated_scores) if top_k is None and q.device.type == "cpu" and HAS_FLASH_SPLIT else None
-        return logged_read(q, state, lambda q_, state_: _read(q_, state_, s, top_k, gated_scores), split)
-    return _read(q, state, s, top_k, gated_scores)
+        split = (
+            _FlashSplit(s, gated_scores, normalize_keys)
+            if top_k is None and q.device.type == "cpu" and HAS_FLASH_SPLIT
+            else None
+        )
+        return logged_read(
+            q, state, lambda q_, state_: _read(q_, _directions(state_, normalize_keys), s, top_k, gated_scores), split
+        )
+    return _read(q, _directions(state, normalize_keys), s, top_k, gated_scores)
 
 
 def _read(q: Tensor, state: MemoryState, s: float, top_k: int | None, gated_scores: bool) -> Tensor:
@@ -128,11 +163,12 @@ class _FlashSplit:
     """The CPU full read as a separate forward and backward, for logged stores (see
     :mod:`memgpt.memory.folded`): backward rebuilds the folded store instead of re-reading."""
 
-    def __init__(self, scale: float, gated_scores: bool) -> None:
-        self.scale, self.gated_scores = scale, gated_scores
+    def __init__(self, scale: float, gated_scores: bool, normalize_keys: bool = False) -> None:
+        self.scale, self.gated_scores, self.normalize_keys = scale, gated_scores, normalize_keys
 
     def forward(self, q: Tensor, state: MemoryState) -> tuple[Tensor, tuple]:
         """q (b h n dk) -> (b h n dv) in q's dtype, and O(n) saved tensors."""
+        state = _directions(state, self.normalize_keys)
         ct = _compute_dtype(q.dtype, q.device)
         out, saved = flash_forward(q, state, slot_bias(state, self.gated_scores, ct), self.scale, ct)
         has_valid = _has_valid(state).to(ct)  # empty rows read zeros
@@ -142,6 +178,20 @@ class _FlashSplit:
         self, saved: tuple, state: MemoryState, grad_out: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Gradients w.r.t. q, keys, values and strength (None when scores are not gated)."""
+        if self.normalize_keys:  # the kernel's gradient w.r.t. the unit keys, then through the normalisation
+            with torch.enable_grad():
+                raw = state.keys.detach().requires_grad_()
+                unit = _unit(raw)
+            # dataclasses.replace, not state.replace: a later in-place write has donated ``state``
+            unit_state = dataclasses.replace(state, keys=unit.detach())
+            dq, dunit, dvalues, dstrength = self._backward(saved, unit_state, grad_out)
+            (dkeys,) = torch.autograd.grad(unit, raw, dunit)
+            return dq, dkeys, dvalues, dstrength
+        return self._backward(saved, state, grad_out)
+
+    def _backward(
+        self, saved: tuple, state: MemoryState, grad_out: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         saved, has_valid = saved
         ct = has_valid.dtype
         bias = slot_bias(state, self.gated_scores, ct)
@@ -255,17 +305,20 @@ def read_usage(
     top_k: int | None = None,
     gated_scores: bool = True,
     mask: Tensor | None = None,
+    normalize_keys: bool = False,
 ) -> Tensor:
     """Sum over queries of the read weights each slot receives, (b h m), no gradient.
 
     q: (b h n dk); mask: (b n) bool, queries to count (default all). Rows with no valid slot get
     zeros. Summing (not averaging) keeps usage additive, so reading a segment in one call or
     token by token accumulates the same usage. With ``top_k``, exactly the k slots :func:`read`
-    uses are credited. The result has the dtype of ``state.usage``.
+    uses are credited. The result has the dtype of ``state.usage``. ``normalize_keys``: as in :func:`read`.
     """
     check_read_args(q, state, top_k)
+    _check_normalize_keys(normalize_keys)
     s = resolve_scale(scale, state.key_dim)
     with torch.no_grad():
+        state = _directions(state, normalize_keys)
         ct = q.dtype if q.dtype == torch.float64 else torch.float32
         bias = slot_bias(state, gated_scores, ct)
         qc, keys = q.to(ct), state.keys.to(ct)

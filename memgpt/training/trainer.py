@@ -51,10 +51,21 @@ MODEL_KINDS = ("memory", "baseline", "oracle")
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU."""
+    """``auto`` is CUDA when present, else CPU; a CUDA device this machine lacks raises RuntimeError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise RuntimeError(
+                f"device {device!r} asked for, but torch.cuda.is_available() is False (torch {torch.__version__}, "
+                f"{build}): use 'cpu' or 'auto'"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise RuntimeError(f"device {device!r} asked for, but this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def make_task(name: str, **kwargs) -> RecallTask | PasskeyTask | TextWindowTask:
